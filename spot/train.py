@@ -1,0 +1,271 @@
+"""Prompt tuning: only the prompt learns; the early checkpoint is the key, the best the value.
+
+A run directory holds:
+    config.json            the TrainConfig
+    state.safetensors      prompt + optimizer state + step + best score (resume point)
+    key.safetensors        the prompt at `key_step` (task embedding for retrieval)
+    value.safetensors      the best-validation prompt (transfer initialisation)
+    metrics.jsonl          one line per evaluation
+Batches and dropout keys are pure functions of (seed, step), so a resumed run repeats the
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors.numpy import load_file, save_file
+
+from library.atomic import atomic_write
+from spot.backbones.base import Backbone
+from spot.batching import encode, make_batch, train_rows
+from spot.evaluation import evaluate, subset
+from spot.progress import progress_bar
+from spot.prompts import initial_prompt, load_for_backbone, save_for_backbone
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    task: str
+    backbone: str = "smollm2-135m"
+    prompt_length: int = 20
+    init: str = "sampled_vocab"  # random_uniform | sampled_vocab | class_labels | text:.. | file:..
+    optimizer: str = "adafactor"  # adafactor (T5X defaults) | adam
+    learning_rate: float = 0.3
+    decay_rate: float = 0.8
+    weight_decay: float = 1e-5
+    batch_size: int = 8
+    steps: int = 300
+    key_step: int = 50
+    eval_every: int = 50
+    eval_examples: int = 400  # validation subset per evaluation (0 = whole split)
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.prompt_length < 1:
+            raise ValueError("steps, batch_size and prompt_length must be positive")
+        if not 0 < self.key_step <= self.steps:
+            raise ValueError(f"key_step {self.key_step} must lie in [1, steps={self.steps}]")
+        if self.optimizer not in ("adafactor", "adam"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r} (adafactor, adam)")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """A JSON config file; keyword overrides win. Unknown keys are an error."""
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    value: np.ndarray
+    value_score: float
+    value_step: int
+    key: np.ndarray
+    metric: str
+    history: list[dict[str, Any]]
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Adafactor with the reference's defaults (constant lr, decay 0.8, no parameter scaling)."""
+    if config.optimizer == "adam":
+        return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    return optax.adafactor(
+        learning_rate=config.learning_rate,
+        decay_rate=config.decay_rate,
+        multiply_by_parameter_scale=False,
+        weight_decay_rate=config.weight_decay,
+    )
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over every local device; batches are split along it."""
+    return Mesh(np.asarray(jax.devices()), ("batch",))
+
+
+def make_train_step(backbone: Backbone, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """Jitted step: gradient w.r.t. the prompt only (the frozen params are a plain argument)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("batch"))
+
+    def step(params, prompt, opt_state, batch, rng):
+        loss, grad = jax.value_and_grad(backbone.loss_fn, argnums=1)(params, prompt, batch, rng)
+        updates, opt_state = optimizer.update(grad, opt_state, prompt)
+        return optax.apply_updates(prompt, updates), opt_state, loss
+
+    return jax.jit(
+        step,
+        in_shardings=(replicated, replicated, replicated, sharded, replicated),
+        out_shardings=(replicated, replicated, replicated),
+        donate_argnums=(1, 2),
+    )
+
+
+def _save_state(path: Path, prompt, opt_state, step: int, best: float, best_step: int) -> None:
+    leaves = jax.tree_util.tree_leaves(opt_state)
+    tensors = {"prompt": np.asarray(prompt)}
+    tensors |= {f"opt/{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    meta = {"step": str(step), "best": repr(best), "best_step": str(best_step)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    atomic_write(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def _load_state(path: Path, opt_template):
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "np") as handle:
+        meta = handle.metadata()
+    template, treedef = jax.tree_util.tree_flatten(opt_template)
+    leaves = [jnp.asarray(tensors[f"opt/{i}"], dtype=t.dtype) for i, t in enumerate(template)]
+    opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+    return (
+        jnp.asarray(tensors["prompt"]),
+        opt_state,
+        int(meta["step"]),
+        float(meta["best"]),
+        int(meta["best_step"]),
+    )
+
+
+def _check_config(out: Path, config: TrainConfig) -> None:
+    path = out / "config.json"
+    wanted = dataclasses.asdict(config)
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            raise ValueError(f"{out} holds a run with another config (differs in {changed})")
+    else:
+        atomic_write(path, json.dumps(wanted, indent=1).encode())
+
+
+def train(
+    backbone: Backbone, task, config: TrainConfig, out: str | Path, show_progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Tune a prompt on `task`; resumes from `out/state.safetensors` when present.
+
+    `stop_after` ends the call after that many steps of this invocation (interruption tests).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, config)
+    train_examples = task.load("train")
+    valid_examples = subset(task.load("validation"), config.eval_examples, seed=config.seed)
+    if not train_examples or not valid_examples:
+        raise ValueError(f"task {task.name}: empty train or validation split")
+    encoded = encode(backbone, train_examples, max_length=config.max_length)
+    metric = task.metrics[0]
+    mesh = data_mesh()
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
+    optimizer = make_optimizer(config)
+    step_fn = make_train_step(backbone, optimizer, mesh)
+    sharded = NamedSharding(mesh, PartitionSpec("batch"))
+
+    prompt = jnp.asarray(
+        initial_prompt(
+            backbone, config.init, config.prompt_length, config.seed, list(train_examples[0].choices)
+        )
+    )
+    opt_state = optimizer.init(prompt)
+    step, best, best_step = 0, -math.inf, 0
+    state_path = out / "state.safetensors"
+    if state_path.is_file():
+        prompt, opt_state, step, best, best_step = _load_state(state_path, opt_state)
+    history = _read_history(out, step)
+
+    def validate(p) -> float:
+        return evaluate(backbone, p, _Fixed(task, valid_examples), "validation",
+                        max_length=config.max_length)[metric]
+
+    base_key = jax.random.PRNGKey(config.seed)
+    started, seen = time.perf_counter(), 0
+    with progress_bar(f"train {task.name}", total=config.steps, completed=step,
+                      enabled=show_progress) as bar:
+        while step < config.steps:
+            if stop_after is not None and seen >= stop_after * config.batch_size:
+                break
+            rows = train_rows(len(encoded), config.batch_size, step, config.seed)
+            batch = make_batch(encoded, rows, backbone.pad_id, max_length=config.max_length,
+                               batch_size=config.batch_size)
+            batch = jax.device_put(batch, sharded)
+            rng = jax.random.fold_in(base_key, step)
+            new_prompt, new_opt, loss = step_fn(backbone.params, prompt, opt_state, batch, rng)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss} at step {step + 1}; the last good checkpoint in {out} is kept"
+                )
+            prompt, opt_state, step = new_prompt, new_opt, step + 1
+            seen += config.batch_size
+            rate = seen / (time.perf_counter() - started)
+            bar.update(step, loss=loss, rate=rate)
+            if step == config.key_step:
+                save_for_backbone(out / "key.safetensors", prompt, backbone, task=task.name,
+                                  role="key", step=step, init=config.init, seed=config.seed)
+            if step % config.eval_every == 0 or step == config.steps:
+                score = validate(prompt)
+                record = {"step": step, "loss": loss, metric: score, "examples_per_s": rate}
+                history.append(record)
+                bar.update(step, score=score)
+                if score > best:
+                    best, best_step = score, step
+                    save_for_backbone(out / "value.safetensors", prompt, backbone,
+                                      task=task.name, role="value", step=step, score=score,
+                                      metric=metric, init=config.init, seed=config.seed)
+                with open(out / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(record) + "\n")
+            if step % config.eval_every == 0 or step in (config.key_step, config.steps):
+                _save_state(state_path, prompt, opt_state, step, best, best_step)
+    value, _ = load_for_backbone(out / "value.safetensors", backbone) if best_step else (None, None)
+    key, _ = load_for_backbone(out / "key.safetensors", backbone) if step >= config.key_step else (None, None)
+    return TrainResult(out, value, best, best_step, key, metric, history)
+
+
+def _read_history(out: Path, step: int) -> list[dict[str, Any]]:
+    """Metrics logged up to the resume point; later lines (from an interrupted run) are dropped."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] <= step]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fixed:
+    """A task view whose validation split is a fixed list (the evaluation subset)."""
+
+    task: Any
+    examples: list
+
+    def load(self, split: str) -> list:
+        return self.examples
+
+    def evaluate(self, predictions, labels) -> dict[str, float]:
+        return self.task.evaluate(predictions, labels)

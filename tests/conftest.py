@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random Llama with a byte-level tokenizer (fast, no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+
+def byte_tokenizer():
+    """Byte-level BPE without merges: one token per byte, ids 0..255; then <pad>=256, <eos>=257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<pad>", "<eos>"])
+    return tokenizer
+
+
+def make_tiny_llama(seed: int = 0, tie: bool = True, bos: bool = False):
+    from spot.backbones.llama import LlamaConfig, init_params
+    from spot.backbones.llama_loader import build_llama
+
+    config = LlamaConfig(vocab_size=260, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=8, d_ff=64, tie_embeddings=tie)
+    params = init_params(config, seed)
+    return build_llama("tiny-llama", config, params, tokenizer=byte_tokenizer(),
+                       bos_id=258 if bos else None, eos_id=257, pad_id=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny_llama()

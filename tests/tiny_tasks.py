@@ -1,0 +1,26 @@
+"""A small synthetic task that a tiny model can learn quickly (helpers for tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spot.tasks import Example, Task
+
+WORDS = {0: ["bad", "awful", "poor", "dull"], 1: ["good", "great", "fine", "nice"]}
+
+
+def polarity_rows(n: int, seed: int) -> list[Example]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        word = WORDS[label][int(rng.integers(4))]
+        filler = " ".join(rng.choice(["the", "a", "film", "was", "it"], size=int(rng.integers(1, 6))))
+        rows.append(Example(f"{filler} {word}:", (" n", " p"), label))
+    return rows
+
+
+def polarity_task(name: str = "tiny_polarity") -> Task:
+    splits = {"train": polarity_rows(256, 1), "validation": polarity_rows(64, 2),
+              "test": polarity_rows(64, 3)}
+    return Task(name, "sentiment", 2, ("accuracy",), lambda: splits)
