@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Self
 
@@ -195,9 +195,8 @@ class Library:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / "lock"
         self._manifest = Manifest(self.root / MANIFEST)
-        self._cache: dict[
-            tuple[str, str, str], tuple[KeyIndex, int]
-        ] = {}  # -> (index, vectors on disk)
+        # (backbone, metric, kind) -> (index, how many of its vectors the index file holds)
+        self._cache: dict[tuple[str, str, str], tuple[KeyIndex, int]] = {}
 
     def close(self) -> None:
         """Close this thread's and every other thread's manifest connections."""
@@ -328,11 +327,8 @@ class Library:
             for _, gone in removed:
                 self._object_path(gone.sha256).unlink(missing_ok=True)
                 fsync_dir(self._object_path(gone.sha256).parent)
-        return [
-            entry_id
-            for entry_id in dict.fromkeys(ids)
-            if entry_id in {gone.id for _, gone in removed}
-        ]
+        gone_ids = {gone.id for _, gone in removed}
+        return [entry_id for entry_id in dict.fromkeys(ids) if entry_id in gone_ids]
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -403,8 +399,8 @@ class Library:
 
     def read_bytes(self, entry_id: str) -> bytes:
         """The entry's prompt file bytes, checked against the manifest's sha256."""
-        entry = self.get(entry_id)
-        with file_lock(self._lock_path, shared=True):
+        with file_lock(self._lock_path, shared=True):  # no delete in between
+            entry = self.get(entry_id)
             return self._read_object(entry.id, entry.sha256)
 
     def load(self, entry_id: str) -> tuple[np.ndarray, Metadata]:
@@ -420,41 +416,48 @@ class Library:
 
     def query(self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10) -> list[Match]:
         """The `k` keys of `backbone` most similar to `prompt` [L, d] under `metric`, best first."""
+        return self.query_many([prompt], backbone, metric, k)[0]
+
+    def query_many(
+        self, prompts: Sequence[Any], backbone: str, metric: str = "mean", k: int = 10
+    ) -> list[list[Match]]:
+        """`query` for several prompts in one batched search (BLAS from 16 prompts on)."""
         try:
             check_metric(metric)
         except ValueError as err:
             raise LibraryError(str(err)) from None
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise LibraryError(f"k must be a positive integer, got {k!r}")
-        prompt = check_prompt(prompt)
+        arrays = [check_prompt(prompt) for prompt in prompts]
         with self._manifest.read() as conn:
             row = conn.execute(
-                "SELECT d_model, generation FROM backbones WHERE backbone = ?",
-                (backbone,),
+                "SELECT d_model, generation FROM backbones WHERE backbone = ?", (backbone,)
             ).fetchone()
         if row is None:
-            raise LibraryError(
-                f"unknown backbone {backbone!r}; this library has {sorted(self.backbones())}"
-            )
+            known = sorted(self.backbones())
+            raise LibraryError(f"unknown backbone {backbone!r}; this library has {known}")
         d_model, generation = row
-        if prompt.shape[1] != d_model:
-            raise LibraryError(
-                f"query prompt has d_model {prompt.shape[1]}, backbone {backbone!r} has {d_model}"
-            )
-        index = self._index(backbone, metric, self.index_kind, generation)
-        rowids, scores = index.search(pool(prompt, metric)[None], int(k))
-        found = [(int(r), float(s)) for r, s in zip(rowids[0], scores[0], strict=True) if r >= 0]
-        with self._manifest.read() as conn:
-            entries = dict(
-                select(
-                    conn,
-                    " WHERE seq IN (SELECT value FROM json_each(?))",
-                    (str([r for r, _ in found]),),
+        for array in arrays:
+            if array.shape[1] != d_model:
+                raise LibraryError(
+                    f"query prompt has d_model {array.shape[1]}, backbone {backbone!r} has {d_model}"
                 )
-            )
-        return [
-            Match(entries[r], s) for r, s in found if r in entries
-        ]  # an entry deleted meanwhile is skipped
+        if not arrays:
+            return []
+        index = self._index(backbone, metric, self.index_kind, generation)
+        rowids, scores = index.search(np.stack([pool(a, metric) for a in arrays]), int(k))
+        wanted = sorted({int(r) for r in rowids.ravel() if r >= 0})
+        with self._manifest.read() as conn:
+            suffix = " WHERE seq IN (SELECT value FROM json_each(?))"
+            entries = dict(select(conn, suffix, (json.dumps(wanted),)))
+        return [  # an entry deleted meanwhile is skipped
+            [
+                Match(entries[r], float(s))
+                for r, s in zip(row_ids, row_scores, strict=True)
+                if r in entries
+            ]
+            for row_ids, row_scores in zip(rowids.tolist(), scores.tolist(), strict=True)
+        ]
 
     def _index_path(self, backbone: str, metric: str, kind: str) -> Path:
         folder = hashlib.sha256(backbone.encode()).hexdigest()[:16]

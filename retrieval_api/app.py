@@ -23,12 +23,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException
 
 from library import EntryNotFound, IndexKind, Library, LibraryCorrupt, LibraryError, decode_prompt
 from retrieval_api.auth import load_tokens, token_ok
+from retrieval_api.batcher import QueryBatcher
 from retrieval_api.body_limit import BodyLimitMiddleware
 from retrieval_api.metrics import Metrics, MetricsMiddleware
 from retrieval_api.schemas import (
@@ -164,6 +164,7 @@ def create_app(
     allowed = frozenset(tokens) if tokens is not None else load_tokens()
     library = Library(library_dir, index_kind=index_kind)
     metrics = Metrics()
+    batcher = QueryBatcher(library)
     bearer = HTTPBearer(
         auto_error=False, description="a token from SPOT_API_TOKENS or the token file"
     )
@@ -327,9 +328,7 @@ def create_app(
                 )
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
-        matches = await run_in_threadpool(
-            library.query, array, options.backbone, options.metric, options.k
-        )
+        matches = await batcher.query(array, options.backbone, options.metric, options.k)
         found = [
             {"entry": EntryOut(**m.entry.to_dict()), "similarity": m.similarity} for m in matches
         ]

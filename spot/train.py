@@ -13,6 +13,7 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -86,25 +87,31 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+@functools.lru_cache(maxsize=16)
+def make_optimizer(
+    name: str, learning_rate: float, decay_rate: float, weight_decay: float
+) -> optax.GradientTransformation:
     """Adafactor with the reference's defaults (constant lr, decay 0.8, no parameter scaling)."""
-    if config.optimizer == "adam":
-        return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    if name == "adam":
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
     return optax.adafactor(
-        learning_rate=config.learning_rate,
-        decay_rate=config.decay_rate,
+        learning_rate=learning_rate,
+        decay_rate=decay_rate,
         multiply_by_parameter_scale=False,
-        weight_decay_rate=config.weight_decay,
+        weight_decay_rate=weight_decay,
     )
 
 
+@functools.lru_cache(maxsize=1)
 def data_mesh() -> Mesh:
     """A 1-D mesh over every local device; batches are split along it."""
     return Mesh(np.asarray(jax.devices()), ("batch",))
 
 
+@functools.lru_cache(maxsize=16)
 def make_train_step(backbone: Backbone, optimizer: optax.GradientTransformation, mesh: Mesh):
-    """Jitted step: gradient w.r.t. the prompt only (the frozen params are a plain argument)."""
+    """Jitted step: gradient w.r.t. the prompt only (the frozen params are a plain argument).
+    Cached, so runs on one backbone with one optimizer compile once per batch shape."""
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
 
@@ -182,7 +189,9 @@ def train(
     mesh = data_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(
+        config.optimizer, config.learning_rate, config.decay_rate, config.weight_decay
+    )
     step_fn = make_train_step(backbone, optimizer, mesh)
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from library import EntryNotFound, Library, LibraryError, encode_prompt, load_prompt
-from retrieval_api import ApiError, RetrievalClient, load_tokens
+from retrieval_api import ApiError, RetrievalClient, create_app, load_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token"
@@ -452,6 +453,18 @@ def test_malformed_requests_get_4xx_json(server: Server) -> None:
         )
     with pytest.raises(LibraryError, match="unknown backbone"):
         RetrievalClient(server.url).query(prompt(rng), "nope")
+
+
+def test_private_reads_need_a_token(tmp_path: Path) -> None:
+    app = create_app(tmp_path / "lib", tokens=[TOKEN], open_reads=False)
+    with TestClient(app) as http:
+        assert http.get("/v1/prompts").status_code == 401
+        assert http.post("/v1/query", json={"backbone": "bb", "prompt": [[1.0]]}).status_code == 401
+        assert (
+            http.get("/v1/prompts", headers={"Authorization": f"Bearer {TOKEN}"}).json()["total"]
+            == 0
+        )
+        assert http.get("/healthz").status_code == 200
 
 
 def test_load_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

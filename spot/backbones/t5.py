@@ -764,8 +764,11 @@ def _load_params(reader: _SafetensorsReader, config: T5Config, directory: str) -
     return jax.tree_util.tree_map_with_path(load, _param_shapes(config))
 
 
-def load_t5_dir(path: str | os.PathLike[str]) -> Backbone:
-    """Load a Hugging Face T5 directory (config.json + safetensors [+ tokenizer.json])."""
+def load_t5_dir(path: str | os.PathLike[str], name: str | None = None) -> Backbone:
+    """Load a Hugging Face T5 directory (config.json + safetensors [+ tokenizer.json]).
+
+    `name` (default: the path) is recorded as `Backbone.name`.
+    """
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise BackboneError(f"T5 checkpoint directory {directory} does not exist")
@@ -799,4 +802,4 @@ def load_t5_dir(path: str | os.PathLike[str]) -> Backbone:
             tokenizer = Tokenizer.from_file(tokenizer_path)
         except Exception as error:
             raise BackboneError(f"could not load {tokenizer_path}: {error}") from error
-    return _make_backbone(directory, config, params, tokenizer)
+    return _make_backbone(name or directory, config, params, tokenizer)

@@ -1,0 +1,3 @@
+from spot.cli import main
+
+main()

@@ -1,0 +1,143 @@
+"""Trainer: prompt-only updates, key/value checkpoints, resume, data parallelism, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from library.prompt_file import load_prompt
+from spot.backbones.base import BackboneError
+from spot.train import TrainConfig, TrainingError, train
+from tiny_tasks import polarity_task
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(task="tiny_polarity", backbone="tiny", prompt_length=4, batch_size=8, steps=24,
+            key_step=8, eval_every=8, eval_examples=32, max_length=32, learning_rate=0.3)
+
+
+def test_only_the_prompt_learns_and_loss_falls(tiny_llama, tmp_path):
+    before = jax.tree_util.tree_map(np.array, tiny_llama.params)
+    result = train(tiny_llama, polarity_task(), TrainConfig(**FAST), tmp_path, show_progress=False)
+    after = jax.tree_util.tree_map(np.array, tiny_llama.params)
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(a, b)  # frozen weights bit-identical
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < losses[0]
+    key, key_meta = load_prompt(tmp_path / "key.safetensors")
+    value, value_meta = load_prompt(tmp_path / "value.safetensors")
+    assert key_meta["role"] == "key" and key_meta["step"] == "8"
+    assert value_meta["role"] == "value" and float(value_meta["score"]) == result.value_score
+    assert key_meta["backbone"] == tiny_llama.identity and key.shape == (4, 32)
+    best = max(result.history, key=lambda r: r["accuracy"])
+    assert int(value_meta["step"]) == best["step"]
+    assert result.value_score >= result.history[0]["accuracy"]
+
+
+def test_resume_equals_uninterrupted(tiny_llama, tmp_path):
+    config = TrainConfig(**FAST)
+    full = train(tiny_llama, polarity_task(), config, tmp_path / "full", show_progress=False)
+    part = tmp_path / "part"
+    train(tiny_llama, polarity_task(), config, part, show_progress=False, stop_after=13)
+    resumed = train(tiny_llama, polarity_task(), config, part, show_progress=False)
+    np.testing.assert_array_equal(resumed.value, full.value)
+    np.testing.assert_array_equal(resumed.key, full.key)
+    assert resumed.history == full.history or [r["accuracy"] for r in resumed.history] == [
+        r["accuracy"] for r in full.history]
+
+
+def test_config_mismatch_and_file(tmp_path, tiny_llama):
+    train(tiny_llama, polarity_task(), TrainConfig(**{**FAST, "steps": 8}), tmp_path,
+          show_progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        train(tiny_llama, polarity_task(), TrainConfig(**{**FAST, "steps": 16}), tmp_path,
+              show_progress=False)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"task": "sst2", "steps": 10, "key_step": 5, "wat": 1}))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_file(path)
+    path.write_text(json.dumps({"task": "sst2", "steps": 10, "key_step": 5}))
+    assert TrainConfig.from_file(path, seed=3).seed == 3
+    with pytest.raises(ValueError, match="key_step"):
+        TrainConfig(task="x", steps=5, key_step=9)
+
+
+def test_nan_loss_keeps_last_checkpoint(tiny_llama, tmp_path):
+    config = TrainConfig(**FAST)
+    train(tiny_llama, polarity_task(), config, tmp_path, show_progress=False, stop_after=8)
+    saved, _ = load_prompt(tmp_path / "value.safetensors")
+    broken = dataclasses.replace(tiny_llama, loss_fn=lambda p, x, b, r: jnp.nan * jnp.sum(x))
+    with pytest.raises(TrainingError, match="last good checkpoint"):
+        train(broken, polarity_task(), config, tmp_path, show_progress=False)
+    again, _ = load_prompt(tmp_path / "value.safetensors")
+    np.testing.assert_array_equal(saved, again)
+
+
+def test_prompt_from_another_backbone_is_refused(tiny_llama, tmp_path):
+    from conftest import make_tiny_llama
+
+    other = make_tiny_llama(seed=5)
+    train(other, polarity_task(), TrainConfig(**{**FAST, "steps": 8}), tmp_path / "a",
+          show_progress=False)
+    init = f"file:{tmp_path / 'a' / 'value.safetensors'}"
+    with pytest.raises(BackboneError, match="trained on backbone"):
+        train(tiny_llama, polarity_task(), TrainConfig(**{**FAST, "init": init}), tmp_path / "b",
+              show_progress=False)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from conftest import make_tiny_llama
+    from tiny_tasks import polarity_task
+    from spot.train import TrainConfig, train
+    config = TrainConfig(**{config!r})
+    result = train(make_tiny_llama(), polarity_task(), config, sys.argv[1], show_progress=False)
+    np.save(sys.argv[2], result.value)
+""")
+
+
+def _script(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "run_train.py"
+    path.write_text(SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), config=config))
+    return path
+
+
+def test_resume_after_kill(tmp_path):
+    config = {**FAST, "steps": 64, "eval_every": 4}
+    script = _script(tmp_path, config)
+    run = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(script), str(run), str(tmp_path / "k.npy")])
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    subprocess.run([sys.executable, str(script), str(run), str(tmp_path / "resumed.npy")], check=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "clean"), str(tmp_path / "clean.npy")],
+                   check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "clean.npy"))
+
+
+def test_data_parallel_two_devices_equals_one(tmp_path):
+    script = _script(tmp_path, {**FAST, "steps": 8})
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "two"), str(tmp_path / "two.npy")],
+                   check=True, env=env)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(tmp_path / "one.npy")],
+                   check=True, env=env)
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
