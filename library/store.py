@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import numpy as np
 import safetensors
@@ -202,7 +202,7 @@ class Library:
         """Close this thread's and every other thread's manifest connections."""
         self._manifest.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Library:
         return self
 
     def __exit__(self, *exc: object) -> None:

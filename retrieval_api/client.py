@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -38,23 +39,14 @@ class ApiError(LibraryError):
 class RetrievalClient:
     """A client of one retrieval service. Errors are `LibraryError`s, as with a local library."""
 
-    def __init__(
-        self,
-        base_url: str,
-        token: str | None = None,
-        *,
-        timeout: float = 60.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(
-            base_url=base_url, headers=headers, timeout=timeout, transport=transport
-        )
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> RetrievalClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -80,7 +72,7 @@ class RetrievalClient:
         self,
         key: PromptLike,
         value: PromptLike | None = None,
-        metadata: dict[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> Published:
         """Upload a key (and value) prompt; see `Library.publish`."""
         files = {

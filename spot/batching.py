@@ -53,7 +53,8 @@ def encode(
     ]
     flat = [c for e in examples for c in e.choices]
     unique = sorted(set(flat))
-    ids = dict(zip(unique, (enc.ids for enc in tokenizer.encode_batch(unique, add_special_tokens=False))))
+    encoded_choices = tokenizer.encode_batch(unique, add_special_tokens=False)
+    ids = {c: enc.ids for c, enc in zip(unique, encoded_choices, strict=True)}
     eos = [backbone.eos_id] if backbone.eos_after_choice and backbone.eos_id is not None else []
     answers = [(ids[c] + eos)[:max_answer] for c in flat]
     if any(len(a) == 0 for a in answers):

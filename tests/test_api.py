@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from library import EntryNotFound, Library, LibraryError, encode_prompt, load_prompt
 from retrieval_api import ApiError, RetrievalClient, create_app, load_tokens
+from retrieval_api.batcher import QueryBatcher
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token"
@@ -453,6 +455,25 @@ def test_malformed_requests_get_4xx_json(server: Server) -> None:
         )
     with pytest.raises(LibraryError, match="unknown backbone"):
         RetrievalClient(server.url).query(prompt(rng), "nope")
+
+
+def test_batched_queries_equal_single_queries(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    lib = Library(tmp_path / "lib")
+    lib.publish_many([(prompt(rng), None, {"task": f"t{i}", "backbone": "bb"}) for i in range(50)])
+    queries = [prompt(rng) for _ in range(20)]
+    queries[7] = prompt(rng, 4, 8)  # wrong d_model: only this caller gets the error
+
+    async def run_all() -> list[object]:
+        batcher = QueryBatcher(lib, max_batch=8)
+        calls = [batcher.query(q, "bb", "token", 5) for q in queries]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(run_all())
+    assert isinstance(results[7], LibraryError) and "d_model 8" in str(results[7])
+    for query, result in zip(queries, results, strict=True):
+        if result is not results[7]:
+            assert result == lib.query(query, "bb", "token", 5)
 
 
 def test_private_reads_need_a_token(tmp_path: Path) -> None:

@@ -48,9 +48,7 @@ def prompt(length: int = 4, d: int = 16, seed: int | None = None) -> np.ndarray:
     return rng.normal(size=(length, d)).astype(np.float32)
 
 
-def meta(
-    task: str = "rte", backbone: str = "tiny", **extra: object
-) -> dict[str, object]:
+def meta(task: str = "rte", backbone: str = "tiny", **extra: object) -> dict[str, object]:
     return {"task": task, "backbone": backbone, **extra}
 
 
@@ -66,9 +64,7 @@ def run_python(code: str, *args: object) -> subprocess.Popen[str]:
 
 def test_prompt_file_round_trip(tmp_path: Path) -> None:
     array = prompt(5, 8)
-    save_prompt(
-        tmp_path / "p.safetensors", array, meta(step=100, score=0.75, seed=3, note="hi")
-    )
+    save_prompt(tmp_path / "p.safetensors", array, meta(step=100, score=0.75, seed=3, note="hi"))
     loaded, metadata = load_prompt(tmp_path / "p.safetensors")
     assert loaded.dtype == np.float32 and np.array_equal(loaded, array)
     assert metadata == {
@@ -111,9 +107,7 @@ def test_prompt_file_round_trip(tmp_path: Path) -> None:
         (np.zeros((2, 4), np.float32), {"tags": ["a"]}, "must be a string or number"),
     ],
 )
-def test_prompt_file_rejects_bad_prompts(
-    array: np.ndarray, metadata: dict, message: str
-) -> None:
+def test_prompt_file_rejects_bad_prompts(array: np.ndarray, metadata: dict, message: str) -> None:
     with pytest.raises(PromptFileError, match=message):
         encode_prompt(array, metadata)
 
@@ -125,14 +119,10 @@ def test_prompt_file_rejects_bad_bytes(tmp_path: Path) -> None:
     with pytest.raises(PromptFileError, match="does not match shape"):
         decode_prompt(good[:-4])
     with pytest.raises(PromptFileError, match="exactly one tensor"):
-        decode_prompt(
-            safetensors.numpy.save({"prompt": prompt(2, 4), "other": prompt(1, 1)})
-        )
+        decode_prompt(safetensors.numpy.save({"prompt": prompt(2, 4), "other": prompt(1, 1)}))
     with pytest.raises(PromptFileError, match="format_version"):
         decode_prompt(
-            safetensors.numpy.save(
-                {"prompt": prompt(2, 4)}, metadata={"format_version": "9"}
-            )
+            safetensors.numpy.save({"prompt": prompt(2, 4)}, metadata={"format_version": "9"})
         )
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(PromptFileError, match="junk.safetensors"):
@@ -162,6 +152,7 @@ def test_peft_export_import_round_trip(tmp_path: Path) -> None:
         import_peft(out / "adapter_model.safetensors")
 
 
+@pytest.mark.torch
 def test_peft_library_reads_exported_adapter(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     out = export_peft(prompt(6, 12), tmp_path / "adapter")
@@ -180,9 +171,7 @@ def test_import_reference_npy() -> None:
 
 # ---- similarity ------------------------------------------------------------------------------
 
-small_prompts = st.tuples(
-    st.integers(1, 4), st.integers(1, 4), st.integers(1, 6)
-).flatmap(
+small_prompts = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 6)).flatmap(
     lambda shape: st.tuples(
         arrays(np.float64, (shape[0], shape[2]), elements=st.floats(-10, 10)),
         arrays(np.float64, (shape[1], shape[2]), elements=st.floats(-10, 10)),
@@ -200,14 +189,10 @@ def test_pooling_matches_metric_definitions(
     pair: tuple[np.ndarray, np.ndarray],
 ) -> None:
     a, b = pair
-    assert similarity(a, b, "mean") == pytest.approx(
-        _cos(a.mean(0), b.mean(0)), abs=1e-9
-    )
+    assert similarity(a, b, "mean") == pytest.approx(_cos(a.mean(0), b.mean(0)), abs=1e-9)
     per_token = sum(_cos(x, y) for x in a for y in b) / (len(a) * len(b))
     assert similarity(a, b, "token") == pytest.approx(per_token, abs=1e-9)
-    assert float(pool(a, "token") @ pool(b, "token")) == pytest.approx(
-        per_token, abs=1e-5
-    )
+    assert float(pool(a, "token") @ pool(b, "token")) == pytest.approx(per_token, abs=1e-5)
 
 
 # ---- store: index results equal brute force --------------------------------------------------
@@ -227,9 +212,7 @@ def assert_matches_brute_force(
     assert len(matches) == len(order)
     scores = np.array([match.similarity for match in matches])
     np.testing.assert_allclose(scores, expected, atol=1e-5)
-    exact = {
-        entry.id: float(pooled[i] @ pool(query, metric)) for i, entry in enumerate(keys)
-    }
+    exact = {entry.id: float(pooled[i] @ pool(query, metric)) for i, entry in enumerate(keys)}
     for match in matches:  # order can differ only among equal scores
         assert match.similarity == pytest.approx(exact[match.entry.id], abs=1e-5)
     if len(expected) < 2 or np.min(np.abs(np.diff(expected))) > 1e-4:
@@ -264,9 +247,7 @@ def test_query_equals_brute_force(
 ) -> None:
     keys, query, k = case
     with tempfile.TemporaryDirectory() as root, Library(root) as lib:
-        lib.publish_many(
-            [(key, None, meta(task=f"t{i}")) for i, key in enumerate(keys)]
-        )
+        lib.publish_many([(key, None, meta(task=f"t{i}")) for i, key in enumerate(keys)])
         for metric in ("mean", "token"):
             assert_matches_brute_force(lib, query, "tiny", metric, k)
 
@@ -298,13 +279,9 @@ def test_hnsw_index_on_small_library(tmp_path: Path) -> None:
 def test_reference_prompts_find_themselves(tmp_path: Path) -> None:
     lib = Library(tmp_path)
     backbone = "t5_1_1_lm100k_base"
-    prompts = {
-        name: import_npy(REFERENCE / f"{name}.npy") for name in ("sst2", "mrpc", "rte")
-    }
+    prompts = {name: import_npy(REFERENCE / f"{name}.npy") for name in ("sst2", "mrpc", "rte")}
     for name, array in prompts.items():
-        lib.publish(
-            array, array, {"task": name, "backbone": backbone, "init": "class_label"}
-        )
+        lib.publish(array, array, {"task": name, "backbone": backbone, "init": "class_label"})
     for name, array in prompts.items():
         for metric in ("mean", "token"):
             matches = lib.query(array, backbone, metric, k=3)
@@ -313,9 +290,7 @@ def test_reference_prompts_find_themselves(tmp_path: Path) -> None:
                 similarity(array, array, metric), abs=1e-5
             )
             assert lib.get(matches[0].entry.pair).role == "value"
-        assert lib.query(array, backbone, "mean", k=1)[0].similarity == pytest.approx(
-            1.0, abs=1e-5
-        )
+        assert lib.query(array, backbone, "mean", k=1)[0].similarity == pytest.approx(1.0, abs=1e-5)
 
 
 # ---- store: publishing, errors ---------------------------------------------------------------
@@ -357,9 +332,7 @@ def test_publish_round_trip_and_idempotence(tmp_path: Path) -> None:
     ) == (3000, 0.9, first.key, 4)
     loaded, metadata = lib.load(first.value)
     assert (
-        np.array_equal(loaded, value)
-        and metadata["role"] == "value"
-        and metadata["task"] == "rte"
+        np.array_equal(loaded, value) and metadata["role"] == "value" and metadata["task"] == "rte"
     )
     lib.export(first.key, tmp_path / "out.safetensors")
     assert np.array_equal(load_prompt(tmp_path / "out.safetensors")[0], key)
@@ -419,9 +392,7 @@ def test_bad_input_is_refused_and_loses_nothing(tmp_path: Path) -> None:
 
 def test_damaged_objects_are_reported(tmp_path: Path) -> None:
     lib = Library(tmp_path)
-    corrupt, missing, fine = (
-        lib.publish(prompt(), None, meta(task=f"t{i}")).key for i in range(3)
-    )
+    corrupt, missing, fine = (lib.publish(prompt(), None, meta(task=f"t{i}")).key for i in range(3))
     lib._object_path(lib.get(corrupt).sha256).write_bytes(
         encode_prompt(prompt(), meta())
     )  # valid file, wrong hash
@@ -468,19 +439,14 @@ def assert_consistent(root: Path, acknowledged: list[list[str]]) -> Library:
     lib = Library(root)
     report = lib.verify()
     assert report.ok, report
-    assert (
-        lib.verify(repair=False).orphans == []
-        and lib.verify(repair=False).stale_indexes == []
-    )
+    assert lib.verify(repair=False).orphans == [] and lib.verify(repair=False).stale_indexes == []
     keys = lib.list(role="key", limit=10_000)
     assert lib.count() == 2 * len(keys)
     assert all(lib.get(entry.pair).pair == entry.id for entry in keys)
     ids = {entry.id for entry in keys}
     assert all(key in ids for key, _ in acknowledged)
     matches = lib.query(lib.load(keys[-1].id)[0], "bb", "mean", k=len(keys))
-    assert {match.entry.id for match in matches} == ids and matches[0].entry.id == keys[
-        -1
-    ].id
+    assert {match.entry.id for match in matches} == ids and matches[0].entry.id == keys[-1].id
     return lib
 
 
@@ -492,9 +458,7 @@ def test_kill_during_publish_leaves_clean_library(tmp_path: Path) -> None:
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
-        acknowledged += [
-            line.split() for line in out.splitlines() if len(line.split()) == 2
-        ]
+        acknowledged += [line.split() for line in out.splitlines() if len(line.split()) == 2]
         assert_consistent(tmp_path, acknowledged)
 
 

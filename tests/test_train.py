@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_tasks import polarity_task
 
 from library.prompt_file import load_prompt
 from spot.backbones.base import BackboneError
 from spot.train import TrainConfig, TrainingError, train
-from tiny_tasks import polarity_task
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(task="tiny_polarity", backbone="tiny", prompt_length=4, batch_size=8, steps=24,
@@ -31,7 +31,7 @@ def test_only_the_prompt_learns_and_loss_falls(tiny_llama, tmp_path):
     before = jax.tree_util.tree_map(np.array, tiny_llama.params)
     result = train(tiny_llama, polarity_task(), TrainConfig(**FAST), tmp_path, show_progress=False)
     after = jax.tree_util.tree_map(np.array, tiny_llama.params)
-    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after), strict=False):
         np.testing.assert_array_equal(a, b)  # frozen weights bit-identical
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < losses[0]

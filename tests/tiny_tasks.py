@@ -24,3 +24,28 @@ def polarity_task(name: str = "tiny_polarity") -> Task:
     splits = {"train": polarity_rows(256, 1), "validation": polarity_rows(64, 2),
               "test": polarity_rows(64, 3)}
     return Task(name, "sentiment", 2, ("accuracy",), lambda: splits)
+
+
+def register_tiny_tasks() -> list[str]:
+    """Register three small tasks (two polarity variants and a length task) under fixed names."""
+    from spot.tasks import register_task
+
+    def length_rows(n: int, seed: int) -> list[Example]:
+        rng = np.random.default_rng(seed)
+        rows = []
+        for _ in range(n):
+            label = int(rng.integers(2))
+            size = int(rng.integers(1, 4)) + 4 * label
+            rows.append(Example(" ".join(["la"] * size) + ":", (" s", " l"), label))
+        return rows
+
+    def length_task() -> Task:
+        splits = {"train": length_rows(256, 1), "validation": length_rows(64, 2),
+                  "test": length_rows(64, 3)}
+        return Task("tiny_length", "subjectivity", 2, ("accuracy",), lambda: splits)
+
+    names = []
+    for task in (polarity_task("tiny_polarity"), polarity_task("tiny_polarity_b"), length_task()):
+        register_task(task, replace=True)
+        names.append(task.name)
+    return names

@@ -208,6 +208,6 @@ def _gguf_tokenizer(field):
     )
     tokenizer.decoder = decoders.ByteLevel()
     token_types = list(field("tokenizer.ggml.token_type"))
-    control = [t for t, kind in zip(tokens, token_types) if kind == 3]  # llama.cpp CONTROL
+    control = [t for t, kind in zip(tokens, token_types, strict=False) if kind == 3]  # llama.cpp CONTROL
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     return tokenizer

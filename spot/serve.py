@@ -1,0 +1,513 @@
+"""Serving many tasks from one frozen backbone: mixed-task batches, prompt ensembles.
+
+A request names a prompt (a library entry id, or a task name that resolves to a prompt) and
+carries the input text **already formatted** the way the task's loader formats it (e.g. sst2:
+``"Sentence: <s>\\nThe sentiment of the sentence is"``). Tasks in `spot.tasks` apply their
+templates inside their loaders and do not expose them, so the server does not re-template raw
+text; a client formats its input like the task's `Example.text` does. The candidate answers
+come from the request (`choices`) or, when omitted, from the task's fixed verbaliser: the choice
+tuple shared by every example of the task's test split (tasks whose choices vary per example,
+such as copa, must send `choices`).
+
+Batching. Requests are tokenized, then grouped by what fixes the compiled shape of the
+backbone's jitted `score`: the prompt length L (prompts are never padded: the backbone gives
+every prompt position full attention) and the answers' shape. Single-token answers are scored
+from one pass over the context, so they share a group across tasks whatever their number of
+choices (missing choices are masked and dropped); multi-token answers repeat the context once
+per choice, so they group by (number of choices, answer length rounded up to a multiple of 4).
+Inside a group rows are sorted by context length and cut into batches of at most `batch_size`
+rows; the context is left-padded to a multiple of `bucket` tokens and the row count rounded up
+to a power of two, so few shapes ever compile. Each batch is ONE forward pass with per-row
+prompts `[B, L, d]` (see `spot.backbones.base`).
+
+Prompts: `Predictor(backbone, library, prompts)`. A prompt id is a `library.Library` entry id; its
+value is loaded once and kept in an in-memory LRU keyed by entry id. A task name resolves to the
+explicit `prompts={task: array}` mapping given to the constructor first, else to the library's
+best "value" entry for that task and this backbone (highest score; newest on ties). A prompt
+whose metadata names another backbone than `backbone.identity` is refused (`BackboneMismatch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from spot.backbones.base import Backbone, BackboneError, check_prompt
+from spot.batching import bucket_length
+
+__all__ = [
+    "BackboneMismatch",
+    "EnsemblePrediction",
+    "EnsembleReport",
+    "Prediction",
+    "Predictor",
+    "PromptNotFound",
+    "Request",
+    "ServeError",
+    "ensemble_report",
+]
+
+ANSWER_BUCKET = 4  # multi-token answers are padded to a multiple of this many tokens
+
+
+class ServeError(ValueError):
+    """A request the predictor cannot serve (bad input: maps to HTTP 400)."""
+
+
+class PromptNotFound(ServeError):
+    """No such library entry, or no prompt for a task on this backbone (HTTP 404)."""
+
+
+class BackboneMismatch(ServeError):
+    """A prompt was trained on another backbone than the one serving (HTTP 409)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One input to classify. Exactly one of `prompt_id` (library entry id) or `task` is set.
+
+    `text` is already formatted like the task's `Example.text`; `choices` default to the
+    task's verbaliser (for a prompt id: the task recorded in the entry's metadata).
+    """
+
+    text: str
+    prompt_id: str | None = None
+    task: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt_id is None) == (self.task is None):
+            raise ServeError("a request needs exactly one of prompt_id or task")
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ServeError("request text must be a non-empty string")
+        if self.choices is not None:
+            choices = tuple(self.choices)
+            object.__setattr__(self, "choices", choices)
+            _check_choices(choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The predicted choice of one request, with every choice's summed log-likelihood."""
+
+    label: str  # the predicted choice string
+    index: int  # its index in `choices`
+    scores: tuple[float, ...]  # log-likelihood of each choice given prompt + text
+    choices: tuple[str, ...]
+    prompt_id: str  # the library entry id used, or "task:<name>" for an explicit prompt
+    task: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsemblePrediction:
+    """N prompts' votes on one input.
+
+    `index` is the majority vote (ties: the tied choice with the highest mean log-likelihood,
+    then the lowest index); `mean_index` is the argmax of the mean log-likelihood over prompts.
+    """
+
+    index: int
+    label: str
+    mean_index: int
+    mean_label: str
+    votes: tuple[int, ...]  # per choice: how many prompts picked it
+    mean_scores: tuple[float, ...]  # per choice: mean log-likelihood over the prompts
+    member_indices: tuple[int, ...]  # per prompt: its own prediction
+    choices: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+    key: str  # entry id or "task:<name>"
+    array: np.ndarray  # float32 [L, d]
+    task: str | None
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt: np.ndarray  # [L, d]
+    context: np.ndarray  # int32 token ids (last max_length)
+    answers: list[list[int]]  # per choice: token ids
+
+
+def _check_choices(choices: tuple[str, ...]) -> None:
+    if len(choices) < 2 or len(set(choices)) != len(choices):
+        raise ServeError(f"need >= 2 distinct choices, got {list(choices)!r}")
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ServeError(f"choices must be non-empty strings, got {list(choices)!r}")
+
+
+def _row_bucket(n: int, batch_size: int) -> int:
+    """Rows of a batch rounded up to a power of two, at most `batch_size`."""
+    return min(batch_size, 1 << max(0, n - 1).bit_length())
+
+
+def _library(library: Any) -> Any:
+    if library is None or not isinstance(library, (str, os.PathLike)):
+        return library
+    from library import Library
+
+    return Library(library, create=False)
+
+
+class Predictor:
+    """Rank-classification serving of many prompts/tasks from one frozen backbone.
+
+    `library`: a `library.Library` (or its directory); `prompts`: explicit {task: [L, d] array
+    or (array, metadata)} that take precedence over the library for task-name requests.
+    Thread-safe: the prompt cache is locked; forward passes may run concurrently.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        library: Any = None,
+        prompts: Mapping[str, Any] | None = None,
+        *,
+        batch_size: int = 16,
+        bucket: int = 16,
+        max_length: int = 128,
+        max_answer: int = 16,
+        cache_size: int = 64,
+    ) -> None:
+        if backbone.tokenizer is None:
+            raise ServeError(f"backbone {backbone.name} has no tokenizer: it cannot serve text")
+        if batch_size < 1 or bucket < 1 or max_length < 1 or max_answer < 1 or cache_size < 1:
+            raise ValueError("batch_size, bucket, max_length, max_answer, cache_size must be >= 1")
+        self.backbone = backbone
+        self.library = _library(library)
+        self.batch_size = batch_size
+        self.bucket = bucket
+        self.max_length = max_length
+        self.max_answer = max_answer
+        self.cache_size = cache_size
+        self._explicit = {task: self._explicit_prompt(task, p) for task, p in (prompts or {}).items()}
+        self._cache: OrderedDict[str, _Prompt] = OrderedDict()
+        self._choices: dict[str, tuple[str, ...] | None] = {}
+        self._answer_ids: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self.stats = {"batches": 0, "rows": 0, "padded_rows": 0, "cache_hits": 0, "cache_misses": 0}
+
+    # ---- prompts ---------------------------------------------------------------------------
+
+    def _check_backbone(self, recorded: str | None, what: str) -> None:
+        if recorded and recorded != self.backbone.identity:
+            raise BackboneMismatch(
+                f"{what} was trained on backbone {recorded}, this server runs "
+                f"{self.backbone.identity} ({self.backbone.name})"
+            )
+
+    def _check(self, array: Any, meta: Mapping[str, str], what: str) -> np.ndarray:
+        self._check_backbone(meta.get("backbone"), what)
+        try:
+            prompt = check_prompt(array, self.backbone.d_model)
+        except BackboneError as error:
+            raise ServeError(f"{what}: {error}") from None
+        if prompt.ndim != 2 or prompt.shape[0] == 0:
+            raise ServeError(f"{what}: a served prompt must be [L >= 1, d], got {prompt.shape}")
+        return np.ascontiguousarray(prompt, np.float32)
+
+    def _explicit_prompt(self, task: str, prompt: Any) -> _Prompt:
+        array, meta = prompt if isinstance(prompt, tuple) else (prompt, {})
+        return _Prompt(f"task:{task}", self._check(array, meta, f"prompt for task {task!r}"), task)
+
+    def prompt(self, prompt_id: str) -> _Prompt:
+        """The library entry `prompt_id`, checked against this backbone (LRU-cached)."""
+        with self._lock:
+            hit = self._cache.get(prompt_id)
+            if hit is not None:
+                self._cache.move_to_end(prompt_id)
+                self.stats["cache_hits"] += 1
+                return hit
+        if self.library is None:
+            raise PromptNotFound(f"no library to look up prompt id {prompt_id!r}")
+        from library import EntryNotFound, LibraryCorrupt, LibraryError
+
+        try:
+            entry = self.library.get(prompt_id)
+        except EntryNotFound:
+            raise PromptNotFound(f"no library entry with id {prompt_id!r}") from None
+        self._check_backbone(entry.backbone, f"entry {prompt_id}")  # before reading the file
+        try:
+            array, meta = self.library.load(prompt_id)
+        except EntryNotFound:  # deleted meanwhile
+            raise PromptNotFound(f"no library entry with id {prompt_id!r}") from None
+        except LibraryCorrupt:  # server-side damage: not the request's fault
+            raise
+        except LibraryError as error:
+            raise ServeError(f"entry {prompt_id}: {error}") from None
+        loaded = _Prompt(entry.id, self._check(array, meta, f"entry {prompt_id}"), entry.task)
+        with self._lock:
+            self.stats["cache_misses"] += 1
+            self._cache[prompt_id] = loaded
+            self._cache.move_to_end(prompt_id)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def best_entry(self, task: str) -> str:
+        """Id of the library's best "value" entry for `task` on this backbone."""
+        if self.library is None:
+            raise PromptNotFound(f"no prompt for task {task!r}: no explicit prompt and no library")
+        best, best_rank, offset = None, None, 0
+        while True:
+            page = self.library.list(task=task, backbone=self.backbone.identity, role="value",
+                                     limit=1000, offset=offset)
+            for entry in page:
+                score = entry.score if entry.score is not None and math.isfinite(entry.score) else -math.inf
+                rank = (score, entry.created)
+                if best_rank is None or rank > best_rank:
+                    best, best_rank = entry.id, rank
+            if len(page) < 1000:
+                break
+            offset += len(page)
+        if best is None:
+            raise PromptNotFound(
+                f"no value prompt for task {task!r} on backbone {self.backbone.identity} in the library"
+            )
+        return best
+
+    def resolve(self, request: Request) -> _Prompt:
+        """The prompt a request names (explicit mapping, then the library)."""
+        if request.prompt_id is not None:
+            return self.prompt(request.prompt_id)
+        if request.task in self._explicit:
+            return self._explicit[request.task]
+        return self.prompt(self.best_entry(request.task))
+
+    # ---- choices and tokens ----------------------------------------------------------------
+
+    def task_choices(self, task: str) -> tuple[str, ...]:
+        """The task's fixed verbaliser: the choice tuple shared by its whole test split."""
+        if task not in self._choices:
+            from spot.tasks import TaskError, get_task
+
+            try:
+                examples = get_task(task).load("test")
+            except TaskError as error:
+                raise ServeError(f"cannot infer choices of task {task!r}: {error}") from None
+            found = {e.choices for e in examples}
+            self._choices[task] = found.pop() if len(found) == 1 else None
+        choices = self._choices[task]
+        if choices is None:
+            raise ServeError(f"task {task!r} has per-example choices: send `choices` with the request")
+        return choices
+
+    def _answers(self, choices: Sequence[str]) -> list[list[int]]:
+        """Token ids of each choice, as `spot.batching.encode` makes them (EOS, max_answer)."""
+        backbone = self.backbone
+        eos = [backbone.eos_id] if backbone.eos_after_choice and backbone.eos_id is not None else []
+        missing = [c for c in choices if c not in self._answer_ids]
+        if missing:
+            encoded = backbone.tokenizer.encode_batch(missing, add_special_tokens=False)
+            for choice, enc in zip(missing, encoded, strict=True):
+                self._answer_ids[choice] = (list(enc.ids) + eos)[: self.max_answer]
+        answers = [self._answer_ids[c] for c in choices]
+        if any(not a for a in answers):
+            raise ServeError(f"an answer choice tokenizes to nothing: {list(choices)!r}")
+        return answers
+
+    def _contexts(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encoded = self.backbone.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids[-self.max_length :], np.int32) for e in encoded]
+
+    # ---- scoring ---------------------------------------------------------------------------
+
+    def _group_key(self, row: _Row) -> tuple[int, int, int]:
+        k = max(len(a) for a in row.answers)
+        if k == 1:  # one pass over the context whatever the number of choices
+            return (row.prompt.shape[0], 0, 1)
+        return (row.prompt.shape[0], len(row.answers), -(-k // ANSWER_BUCKET) * ANSWER_BUCKET)
+
+    def _score_rows(self, rows: Sequence[_Row]) -> list[np.ndarray]:
+        """Per row: [n_choices] log-likelihoods. One forward pass per (group, batch)."""
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(self._group_key(row), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(rows)
+        for (_, _, k), members in groups.items():
+            members.sort(key=lambda i: len(rows[i].context))  # stable: similar lengths together
+            for start in range(0, len(members), self.batch_size):
+                chunk = [rows[i] for i in members[start : start + self.batch_size]]
+                scores = self._score_batch(chunk, k)
+                for i, row, s in zip(members[start:], chunk, scores, strict=False):
+                    out[i] = s[: len(row.answers)]
+        return out  # type: ignore[return-value]
+
+    def _score_batch(self, chunk: Sequence[_Row], k: int) -> np.ndarray:
+        size = _row_bucket(len(chunk), self.batch_size)
+        c = max(len(r.answers) for r in chunk)
+        length = bucket_length(max(len(r.context) for r in chunk), self.bucket, self.max_length)
+        pad = self.backbone.pad_id
+        tokens = np.full((size, length), pad, np.int32)
+        mask = np.zeros((size, length), np.int32)
+        choices = np.full((size, c, k), pad, np.int32)
+        choice_mask = np.zeros((size, c, k), np.int32)
+        prompt = np.zeros((size, *chunk[0].prompt.shape), np.float32)
+        for i, row in enumerate(chunk):
+            context = row.context[-length:]
+            tokens[i, length - len(context) :] = context
+            mask[i, length - len(context) :] = 1
+            for j, answer in enumerate(row.answers):
+                choices[i, j, : len(answer)] = answer
+                choice_mask[i, j, : len(answer)] = 1
+            prompt[i] = row.prompt
+        prompt[len(chunk) :] = chunk[0].prompt  # padding rows: any valid prompt
+        batch = {"tokens": tokens, "mask": mask, "choices": choices,
+                 "choice_mask": choice_mask, "labels": np.zeros(size, np.int32)}
+        scores = np.asarray(self.backbone.score(prompt, batch), np.float32)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(chunk)
+        self.stats["padded_rows"] += size - len(chunk)
+        return scores[: len(chunk)]
+
+    # ---- public entry points ---------------------------------------------------------------
+
+    def predict(self, requests: Iterable[Request]) -> list[Prediction]:
+        """Classify every request; requests of any tasks/prompts are batched together."""
+        requests = list(requests)
+        if not requests:
+            return []
+        resolved = [self.resolve(r) for r in requests]
+        choice_sets = []
+        for request, prompt in zip(requests, resolved, strict=True):
+            if request.choices is not None:
+                choice_sets.append(request.choices)
+            elif prompt.task is None:
+                raise ServeError(f"prompt {prompt.key} records no task: send `choices`")
+            else:
+                choice_sets.append(self.task_choices(prompt.task))
+        contexts = self._contexts([r.text for r in requests])
+        rows = [_Row(p.array, ctx, self._answers(ch))
+                for p, ctx, ch in zip(resolved, contexts, choice_sets, strict=True)]
+        scores = self._score_rows(rows)
+        predictions = []
+        for request, prompt, choices, s in zip(requests, resolved, choice_sets, scores, strict=True):
+            index = int(np.argmax(s))
+            predictions.append(Prediction(choices[index], index, tuple(float(v) for v in s),
+                                          choices, prompt.key, prompt.task or request.task))
+        return predictions
+
+    def _prompt_array(self, prompt: Any) -> np.ndarray:
+        if isinstance(prompt, str):
+            return self.prompt(prompt).array
+        array, meta = prompt if isinstance(prompt, tuple) else (prompt, {})
+        return self._check(array, meta, "ensemble prompt")
+
+    def ensemble_scores(self, examples: Sequence[Any], prompts: Sequence[Any]) -> np.ndarray:
+        """[n_examples, n_prompts, n_choices] log-likelihoods.
+
+        `examples` have `.text` (formatted) and `.choices` (one count for all); `prompts` are
+        entry ids or [L, d] arrays. Each input is replicated once per prompt, one prompt per row,
+        and all replicas are scored in the same batches.
+        """
+        if not prompts:
+            raise ServeError("an ensemble needs at least one prompt")
+        arrays = [self._prompt_array(p) for p in prompts]
+        n_choices = {len(e.choices) for e in examples}
+        if len(n_choices) > 1:
+            raise ServeError(f"examples disagree on the number of choices: {sorted(n_choices)}")
+        contexts = self._contexts([e.text for e in examples])
+        rows = [_Row(a, ctx, self._answers(e.choices))
+                for e, ctx in zip(examples, contexts, strict=True) for a in arrays]
+        scores = self._score_rows(rows)
+        return np.asarray(scores, np.float32).reshape(len(examples), len(arrays), -1)
+
+    def predict_ensemble(self, examples: Sequence[Any], prompts: Sequence[Any]) -> list[EnsemblePrediction]:
+        """Majority vote and mean log-likelihood of N prompts on each example."""
+        scores = self.ensemble_scores(examples, prompts)
+        out = []
+        for example, s in zip(examples, scores, strict=True):
+            vote, mean_index, votes, mean = combine(s)
+            choices = tuple(example.choices)
+            out.append(EnsemblePrediction(
+                vote, choices[vote], mean_index, choices[mean_index], tuple(int(v) for v in votes),
+                tuple(float(m) for m in mean), tuple(int(i) for i in s.argmax(axis=1)), choices,
+            ))
+        return out
+
+
+def combine(scores: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """[n_prompts, n_choices] -> (majority index, mean-log-likelihood index, votes, mean scores).
+
+    Vote ties go to the tied choice with the highest mean log-likelihood, then the lowest index.
+    """
+    scores = np.asarray(scores, np.float64)
+    votes = np.bincount(scores.argmax(axis=1), minlength=scores.shape[1])
+    mean = scores.mean(axis=0)
+    tied = np.flatnonzero(votes == votes.max())
+    vote = int(tied[np.argmax(mean[tied])])
+    return vote, int(np.argmax(mean)), votes, mean
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleReport:
+    """Single-prompt vs best vs ensemble scores on one split (Lester et al. 2021, Table 3 shape)."""
+
+    task: str
+    split: str
+    metric: str
+    n_examples: int
+    single: tuple[float, ...]  # each prompt alone
+    vote: float  # majority vote of all prompts
+    mean_logprob: float  # argmax of the mean log-likelihood
+
+    @property
+    def best(self) -> float:
+        return max(self.single)
+
+    @property
+    def average(self) -> float:
+        return float(np.mean(self.single))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.single))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "best": self.best, "average": self.average, "std": self.std}
+
+    def render(self) -> str:
+        lines = [
+            f"{self.task} / {self.split} ({self.n_examples} examples, {self.metric}, "
+            f"{len(self.single)} prompts)",
+            *(f"  prompt {i}: {s:6.2f}" for i, s in enumerate(self.single)),
+            f"  average:  {self.average:6.2f} ± {self.std:.2f}",
+            f"  best:     {self.best:6.2f}",
+            f"  ensemble (majority vote):  {self.vote:6.2f}",
+            f"  ensemble (mean log-prob):  {self.mean_logprob:6.2f}",
+        ]
+        return "\n".join(lines)
+
+
+def ensemble_report(
+    predictor: Predictor, task: Any, prompts: Sequence[Any], split: str = "test",
+    limit: int | None = None, seed: int = 0,
+) -> EnsembleReport:
+    """Score each prompt alone, their majority vote and their mean log-likelihood on `split`.
+
+    One pass: the ensemble's rows hold every (example, prompt) pair, and the single-prompt
+    scores are read off the same log-likelihoods.
+    """
+    from spot.evaluation import subset
+
+    examples = subset(task.load(split), limit, seed)
+    scores = predictor.ensemble_scores(examples, prompts)  # [n, N, c]
+    labels = np.asarray([e.label for e in examples])
+    metric = task.metrics[0]
+    single = tuple(task.evaluate(scores[:, j].argmax(axis=1), labels)[metric]
+                   for j in range(scores.shape[1]))
+    combined = [combine(s) for s in scores]
+    vote = task.evaluate([c[0] for c in combined], labels)[metric]
+    mean = task.evaluate([c[1] for c in combined], labels)[metric]
+    return EnsembleReport(task.name, split, metric, len(examples), single, vote, mean)

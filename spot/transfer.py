@@ -1,0 +1,183 @@
+"""SPoT transfer: query the library with a target's early prompt, then initialise the target.
+
+Strategies (Vu et al. 2022):
+- best-of-k: one target run from each of the top-k source values, keep the best on validation;
+- weighted: one run from sum_r w_r * value_r with w_r = sim_r / sum sim;
+- mixture: train one prompt on the examples-proportional mix of the top-k sources' training data
+  and the target's, then tune it on the target.
+Every run is a resumable `spot.train` run directory, so a killed transfer continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from library.prompt_file import decode_prompt
+from spot.backbones.base import Backbone, BackboneError
+from spot.evaluation import evaluate
+from spot.prompts import save_for_backbone
+from spot.tasks import Example, Task
+from spot.train import TrainConfig, TrainResult, train
+
+STRATEGIES = ("best-of-k", "weighted", "mixture")
+MIXTURE_CAP = 10_000  # examples per source task in a mixture (T5's examples-proportional limit)
+
+
+class PromptSource(Protocol):
+    """A local `library.Library` or a `retrieval_api.client` with the same query/read calls."""
+
+    def query(self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10) -> list: ...
+
+    def read_bytes(self, entry_id: str) -> bytes: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieved:
+    task: str
+    key_id: str
+    value_id: str
+    similarity: float
+    value: np.ndarray  # [L, d]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferResult:
+    strategy: str
+    retrieved: list[Retrieved]
+    result: TrainResult  # the chosen target run
+    runs: dict[str, float]  # run name -> best validation score
+
+
+def relative_error_reduction(baseline: float, transfer: float) -> float:
+    """(e_base - e_transfer) / e_base with e = 100 - score (scores on a 0-100 scale)."""
+    error = 100.0 - baseline
+    if error <= 0:
+        return 0.0
+    return (error - (100.0 - transfer)) / error
+
+
+def query_prompt(backbone: Backbone, task: Task, config: TrainConfig, out: Path) -> np.ndarray:
+    """Train the target for `config.key_step` steps from the same init as the sources: the query."""
+    query_config = dataclasses.replace(config, steps=config.key_step, eval_every=config.key_step)
+    return train(backbone, task, query_config, out, show_progress=False).key
+
+
+def retrieve(
+    source: PromptSource, backbone: Backbone, query: np.ndarray, k: int = 3, metric: str = "token",
+    exclude: Sequence[str] = (),
+) -> list[Retrieved]:
+    """Top-k source keys of this backbone by `metric`, with their value prompts loaded."""
+    matches = source.query(query, backbone.identity, metric, k + len(exclude))
+    found = []
+    for match in matches:
+        entry = match.entry
+        if entry.task in exclude:
+            continue
+        if not entry.pair:
+            raise BackboneError(f"library key {entry.id} ({entry.task}) has no value prompt")
+        value, meta = decode_prompt(source.read_bytes(entry.pair))
+        if meta.get("backbone") != backbone.identity:
+            raise BackboneError(f"value {entry.pair} belongs to backbone {meta.get('backbone')}")
+        found.append(Retrieved(entry.task, entry.id, entry.pair, float(match.similarity), value))
+    return found[:k]
+
+
+def weighted_average(values: Sequence[np.ndarray], similarities: Sequence[float]) -> np.ndarray:
+    """sum_r w_r * value_r, w_r = sim_r / sum(sim); values must share one shape."""
+    shapes = {v.shape for v in values}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot average prompts of different shapes {sorted(shapes)}")
+    weights = np.asarray(similarities, np.float64)
+    if weights.sum() <= 0:
+        raise ValueError(f"similarities must have a positive sum, got {weights.tolist()}")
+    weights = weights / weights.sum()
+    return np.tensordot(weights, np.stack(values).astype(np.float64), axes=1).astype(np.float32)
+
+
+def _as_binary(example: Example) -> Example:
+    """Gold answer plus one distractor: only the gold answer's loss matters while mixing."""
+    gold = example.choices[example.label]
+    other = next(c for c in example.choices if c != gold)
+    return Example(example.text, (gold, other), 0)
+
+
+def mixture_task(target: Task, sources: Sequence[Task], seed: int = 0) -> Task:
+    """Examples-proportional mix of the sources' and the target's training data (capped per task);
+    validation and test stay the target's."""
+
+    def load() -> dict[str, list[Example]]:
+        rng = np.random.default_rng(seed)
+        train_rows: list[Example] = []
+        for task in [*sources, target]:
+            rows = task.load("train")
+            if len(rows) > MIXTURE_CAP:
+                rows = [rows[i] for i in rng.choice(len(rows), MIXTURE_CAP, replace=False)]
+            train_rows += [_as_binary(e) for e in rows]
+        order = rng.permutation(len(train_rows))
+        return {"train": [train_rows[i] for i in order], "validation": target.load("validation"),
+                "test": target.load("test")}
+
+    name = "mix_" + "+".join(t.name for t in sources) + "+" + target.name
+    return Task(name, target.family, target.num_choices, target.metrics, load)
+
+
+def train_from_prompt(
+    backbone: Backbone, task: Task, config: TrainConfig, out: Path, prompt: np.ndarray, source: str
+) -> TrainResult:
+    """A target run initialised from `prompt` (saved beside the run, so it resumes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    init_file = out / "init.safetensors"
+    if not init_file.is_file():
+        save_for_backbone(init_file, prompt, backbone, task=source, role="value")
+    run_config = dataclasses.replace(config, init=f"file:{init_file}", prompt_length=len(prompt))
+    return train(backbone, task, run_config, out / "run", show_progress=False)
+
+
+def tune_target(
+    backbone: Backbone, task: Task, retrieved: Sequence[Retrieved], strategy: str,
+    config: TrainConfig, out: str | Path, source_tasks: Sequence[Task] = (),
+) -> TransferResult:
+    """Tune `task` from the retrieved sources with `strategy`; `source_tasks` feed the mixture."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if not retrieved:
+        raise ValueError("nothing retrieved to transfer from")
+    out = Path(out)
+    runs: dict[str, TrainResult] = {}
+    if strategy == "best-of-k":
+        for r in retrieved:
+            runs[r.task] = train_from_prompt(backbone, task, config, out / f"from_{r.task}", r.value, r.task)
+    elif strategy == "weighted":
+        init = weighted_average([r.value for r in retrieved], [r.similarity for r in retrieved])
+        runs["weighted"] = train_from_prompt(backbone, task, config, out / "weighted", init, "weighted")
+    else:
+        if len(source_tasks) != len(retrieved):
+            raise ValueError("mixture needs the retrieved sources' tasks (source_tasks)")
+        mixed = mixture_task(task, source_tasks, config.seed)
+        first = train(backbone, mixed, dataclasses.replace(config, task=mixed.name),
+                      out / "mixture", show_progress=False)
+        runs["mixture"] = train_from_prompt(backbone, task, config, out / "mixture_target", first.value,
+                                    mixed.name)
+    best = max(runs, key=lambda name: runs[name].value_score)
+    summary = {name: run.value_score for name, run in runs.items()}
+    (out / "transfer.json").write_text(json.dumps(
+        {"strategy": strategy, "chosen": best, "runs": summary,
+         "retrieved": [{"task": r.task, "key": r.key_id, "value": r.value_id,
+                        "similarity": r.similarity} for r in retrieved]}, indent=1))
+    return TransferResult(strategy, list(retrieved), runs[best], summary)
+
+
+def held_out_score(backbone: Backbone, task: Task, run: TrainResult, limit: int | None) -> float:
+    """Primary test metric of a run's value prompt, cached in the run directory."""
+    cache = run.out / f"test_{limit or 'all'}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["score"]
+    score = evaluate(backbone, run.value, task, "test", limit=limit)[task.metrics[0]]
+    cache.write_text(json.dumps({"score": score, "metric": task.metrics[0]}))
+    return score

@@ -1,0 +1,273 @@
+"""Serving (spot.serve), prompt interpretation (spot.interpret) and POST /v1/predict, on the
+tiny random Llama with a byte tokenizer (one token per byte)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from library import Library
+from spot.batching import encode
+from spot.evaluation import evaluate, score_encoded
+from spot.interpret import inspect_prompt, render
+from spot.serve import (
+    BackboneMismatch,
+    Predictor,
+    PromptNotFound,
+    Request,
+    ServeError,
+    combine,
+    ensemble_report,
+)
+from spot.serve_http import add_predict_route
+from spot.tasks import Example, Task, register_task
+
+WORDS = ["the film", "a plot", "it was", "bad acting", "great fun", "so dull and long", "fine", "ok"]
+
+
+def _task(name: str, choices: tuple[str, ...], template: str) -> Task:
+    rng = np.random.default_rng(len(name))
+    rows = [Example(template.format(w=WORDS[i % len(WORDS)] * (1 + i % 3)), choices,
+                    int(rng.integers(len(choices)))) for i in range(12)]
+    splits = {"train": rows, "validation": rows, "test": rows}
+    return register_task(Task(name, "user", len(choices), ("accuracy",), lambda: splits), replace=True)
+
+
+# single-byte choices take the backbone's one-pass path (k == 1) and share a group whatever
+# their number; multi-byte choices repeat the context per choice (k > 1).
+TASKS = {
+    "serve_k1_three": (("n", "p", "x"), "Review: {w}\nLabel:", 5),
+    "serve_k1_two": (("a", "b"), "Q: {w}?", 5),
+    "serve_multi": ((" no", " yes"), "{w}\nCorrect?", 5),
+    "serve_short_prompt": ((" n", " p"), "S: {w} ->", 3),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama):
+    rng = np.random.default_rng(0)
+    tasks = {name: _task(name, choices, template) for name, (choices, template, _) in TASKS.items()}
+    prompts = {name: rng.normal(0, 0.5, (length, tiny_llama.d_model)).astype(np.float32)
+               for name, (_, _, length) in TASKS.items()}
+    return tiny_llama, tasks, prompts
+
+
+def _mixed_requests(tasks) -> list[tuple[str, int, Request]]:
+    """Every task's test rows, interleaved across tasks."""
+    out = []
+    for i in range(12):
+        for name, task in tasks.items():
+            out.append((name, i, Request(task.load("test")[i].text, task=name)))
+    return out
+
+
+def test_mixed_batch_equals_each_task_alone(setup):
+    backbone, tasks, prompts = setup
+    predictor = Predictor(backbone, prompts=prompts, batch_size=8)
+    mixed = _mixed_requests(tasks)
+    predictions = predictor.predict([r for _, _, r in mixed])
+    mixed_batches = predictor.stats["batches"]
+    # reference: the evaluation path, one task and one shared [L, d] prompt at a time
+    reference = {name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")))
+                 for name, task in tasks.items()}
+    alone = {name: Predictor(backbone, prompts=prompts, batch_size=8).predict(
+        [r for n, _, r in mixed if n == name]) for name in tasks}
+    for (name, i, _request), prediction in zip(mixed, predictions, strict=True):
+        np.testing.assert_allclose(prediction.scores, reference[name][i], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(prediction.scores, alone[name][i].scores, atol=1e-5, rtol=0)
+        assert prediction.index == int(np.argmax(reference[name][i]))
+        assert prediction.label == tasks[name].load("test")[i].choices[prediction.index]
+        assert prediction.choices == TASKS[name][0]
+        assert (prediction.task, prediction.prompt_id) == (name, f"task:{name}")
+    # 48 rows in 4 shape groups: L=5 & one-token answers (2 tasks with 2 and 3 choices merged),
+    # L=5 & multi-token, L=3 & multi-token -> 3 groups of 24, 12, 12 rows -> 3 + 2 + 2 batches
+    assert mixed_batches == 7
+    assert predictor.stats["padded_rows"] == 0
+
+
+def test_prompts_of_different_lengths_from_the_library(setup, tmp_path):
+    backbone, tasks, prompts = setup
+    rng = np.random.default_rng(1)
+    library = Library(tmp_path / "lib")
+    meta = {"task": "serve_multi", "backbone": backbone.identity}
+    ids = {}
+    for length, score in ((2, 50.0), (7, 90.0), (4, 70.0)):
+        key = rng.normal(size=(length, backbone.d_model)).astype(np.float32)
+        value = rng.normal(0, 0.5, (length, backbone.d_model)).astype(np.float32)
+        ids[length] = library.publish(key, (value, {"score": score, "step": 5}), meta).value
+    predictor = Predictor(backbone, library, batch_size=4, cache_size=2)
+    assert predictor.best_entry("serve_multi") == ids[7]  # highest validation score
+    examples = tasks["serve_multi"].load("test")[:5]
+    requests = [Request(e.text, prompt_id=ids[length]) for e in examples for length in ids]
+    requests.append(Request(examples[0].text, task="serve_multi"))
+    predictions = predictor.predict(requests)
+    for length, entry_id in ids.items():
+        prompt, _ = library.load(entry_id)
+        assert prompt.shape[0] == length
+        reference = score_encoded(backbone, prompt, encode(backbone, examples))
+        got = [p.scores for p in predictions[:-1] if p.prompt_id == entry_id]
+        np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
+    assert predictions[-1].prompt_id == ids[7]
+    assert predictions[-1].scores == predictions[1].scores
+    assert predictions[0].task == "serve_multi"
+    assert len(predictor._cache) == 2  # LRU bounded
+    with pytest.raises(PromptNotFound):
+        predictor.predict([Request("x", prompt_id="0" * 16)])
+    with pytest.raises(PromptNotFound):
+        predictor.predict([Request("x", task="serve_k1_two")])  # no entry for that task
+
+
+def test_backbone_identity_mismatch_refused(setup, tmp_path):
+    backbone, tasks, prompts = setup
+    library = Library(tmp_path / "lib")
+    other = "llama-000000000000-0000000000000000"
+    value = np.ones((3, backbone.d_model), np.float32)
+    published = library.publish(value, value * 2, {"task": "serve_multi", "backbone": other})
+    predictor = Predictor(backbone, library)
+    with pytest.raises(BackboneMismatch, match="trained on backbone"):
+        predictor.predict([Request("x", prompt_id=published.value)])
+    with pytest.raises(PromptNotFound):  # another backbone's entries never resolve a task
+        predictor.predict([Request("x", task="serve_multi")])
+    with pytest.raises(BackboneMismatch):
+        Predictor(backbone, prompts={"serve_multi": (value, {"backbone": other})})
+    with pytest.raises(ServeError, match="d_model"):
+        Predictor(backbone, prompts={"serve_multi": np.ones((3, 7), np.float32)})
+
+
+def test_request_validation(setup):
+    backbone, tasks, prompts = setup
+    predictor = Predictor(backbone, prompts=prompts)
+    with pytest.raises(ServeError):
+        Request("text", prompt_id="a", task="b")
+    with pytest.raises(ServeError):
+        Request("text")
+    with pytest.raises(ServeError):
+        Request("text", task="serve_multi", choices=(" a", " a"))
+    # explicit choices override the task's verbaliser
+    (prediction,) = predictor.predict([Request("S: fine ->", task="serve_multi", choices=(" x", " y", " z"))])
+    assert prediction.choices == (" x", " y", " z") and len(prediction.scores) == 3
+    assert predictor.predict([]) == []
+
+
+def test_combine_hand_built():
+    scores = np.array([[-1.0, -2.0], [-3.0, -0.5], [-1.5, -2.0]])
+    vote, mean_index, votes, mean = combine(scores)
+    assert (vote, mean_index, votes.tolist()) == (0, 1, [2, 1])
+    np.testing.assert_allclose(mean, [-11 / 6, -1.5])
+    # a tied vote goes to the tied choice with the higher mean log-likelihood
+    vote, mean_index, votes, _ = combine(np.array([[-1.0, -1.2, -9.0], [-5.0, -0.1, -9.0]]))
+    assert (vote, mean_index, votes.tolist()) == (1, 1, [1, 1, 0])
+
+
+def test_ensemble_matches_single_prompts(setup):
+    backbone, tasks, _ = setup
+    task = tasks["serve_k1_three"]
+    rng = np.random.default_rng(2)
+    members = [rng.normal(0, 0.5, (length, backbone.d_model)).astype(np.float32) for length in (4, 4, 6)]
+    predictor = Predictor(backbone, batch_size=8)
+    examples = task.load("test")
+    ensemble = predictor.predict_ensemble(examples, members)
+    singles = [score_encoded(backbone, p, encode(backbone, examples)) for p in members]
+    for i, prediction in enumerate(ensemble):
+        member_scores = np.stack([s[i] for s in singles])
+        vote, mean_index, votes, mean = combine(member_scores)
+        assert prediction.member_indices == tuple(member_scores.argmax(axis=1))
+        assert (prediction.index, prediction.mean_index) == (vote, mean_index)
+        assert prediction.votes == tuple(votes) and sum(prediction.votes) == 3
+        np.testing.assert_allclose(prediction.mean_scores, mean, atol=1e-5)
+        assert prediction.label == examples[i].choices[vote]
+    report = ensemble_report(predictor, task, members, split="test")
+    assert report.n_examples == len(examples) and report.metric == "accuracy"
+    for j, prompt in enumerate(members):
+        assert report.single[j] == pytest.approx(evaluate(backbone, prompt, task, "test")["accuracy"])
+    labels = np.array([e.label for e in examples])
+    assert report.vote == pytest.approx(100 * np.mean([p.index for p in ensemble] == labels))
+    assert report.mean_logprob == pytest.approx(100 * np.mean([p.mean_index for p in ensemble] == labels))
+    assert report.best == max(report.single)
+    assert "majority vote" in report.render()
+
+
+def test_interpretation_nearest_neighbours(tiny_llama):
+    table = np.asarray(tiny_llama.embedding_table)
+    # byte-level alphabet ids are not ASCII codes: look the token ids up in the tokenizer
+    ids = [tiny_llama.tokenizer.token_to_id(t) for t in ("g", "o", "d")] + [200]
+    prompt = table[ids] * np.array([[1.0], [2.0], [0.5], [1.0]], np.float32)
+    result = inspect_prompt(tiny_llama, prompt)
+    vocab_norms = np.linalg.norm(table, axis=1)
+    assert result.length == 4 and result.vocab_size == table.shape[0]
+    assert result.vocab_mean_norm == pytest.approx(vocab_norms.mean(), rel=1e-5)
+    for token, t, scale in zip(result.tokens, ids, (1.0, 2.0, 0.5, 1.0), strict=True):
+        assert len(token.neighbours) == 5
+        assert token.neighbours[0].token_id == t
+        assert token.neighbours[0].cosine == pytest.approx(1.0, abs=1e-5)
+        assert all(n.cosine < 1.0 - 1e-4 for n in token.neighbours[1:])
+        cosines = [n.cosine for n in token.neighbours]
+        assert cosines == sorted(cosines, reverse=True)
+        assert token.norm == pytest.approx(scale * vocab_norms[t], rel=1e-5)
+        assert token.norm_ratio == pytest.approx(token.norm / vocab_norms.mean(), rel=1e-5)
+    assert result.tokens[0].neighbours[0].text == "g"
+    text = render(result)
+    assert "'g' 1.000" in text and "vocabulary mean norm" in text
+    from rich.table import Table
+
+    assert isinstance(render(result, "rich"), Table)
+
+
+def test_predict_route(setup, tmp_path):
+    backbone, tasks, prompts = setup
+    library = Library(tmp_path / "lib")
+    value = prompts["serve_multi"] * 0.5
+    entry = library.publish(value * 3, value, {"task": "serve_multi", "backbone": backbone.identity}).value
+    other = library.publish(value * 3, value, {"task": "serve_multi", "backbone": "llama-x-y"}).value
+    predictor = Predictor(backbone, library, prompts=prompts, batch_size=8)
+    items = [
+        {"task": "serve_k1_three", "text": "Review: fine\nLabel:"},
+        {"prompt_id": entry, "text": "fine fine\nCorrect?"},
+        {"task": "serve_short_prompt", "text": "S: ok ->", "choices": [" n", " p", " q"]},
+    ]
+    expected = predictor.predict([Request(i["text"], i.get("prompt_id"), i.get("task"),
+                                          tuple(i["choices"]) if "choices" in i else None)
+                                  for i in items])
+    with TestClient(add_predict_route(FastAPI(), predictor)) as client:
+        response = client.post("/v1/predict", json={"requests": items})
+        assert response.status_code == 200, response.text
+        got = response.json()["predictions"]
+        assert [p["label"] for p in got] == [p.label for p in expected]
+        assert [p["index"] for p in got] == [p.index for p in expected]
+        np.testing.assert_allclose([s for p in got for s in p["scores"]],
+                                   [s for p in expected for s in p.scores], atol=1e-6)
+        assert got[1]["prompt_id"] == entry and got[1]["task"] == "serve_multi"
+
+        def post(body):
+            return client.post("/v1/predict", json=body)
+
+        for bad in ({"requests": []}, {"requests": [{"text": "x"}]}, {"items": []},
+                    {"requests": [{"task": "a", "prompt_id": "b", "text": "x"}]},
+                    {"requests": [{"task": "a", "text": ""}]}, [1, 2]):
+            response = post(bad)
+            assert response.status_code == 422, (bad, response.text)
+        assert client.post("/v1/predict", content=b"{not json",
+                           headers={"content-type": "application/json"}).status_code == 422
+        response = post({"requests": [{"prompt_id": "f" * 16, "text": "x"}]})
+        assert response.status_code == 404 and "no library entry" in response.json()["error"]
+        response = post({"requests": [{"prompt_id": other, "text": "x"}]})
+        assert response.status_code == 409 and "backbone" in response.json()["error"]
+        response = post({"requests": [{"task": "serve_multi", "text": "x", "choices": ["a", "a"]}]})
+        assert response.status_code == 400 and "distinct" in response.json()["error"]
+
+
+def test_predict_route_on_the_retrieval_app(setup, tmp_path):
+    from retrieval_api import create_app
+
+    backbone, tasks, prompts = setup
+    predictor = Predictor(backbone, prompts=prompts)
+    app = add_predict_route(create_app(tmp_path / "lib", tokens=[]), predictor)
+    with TestClient(app) as client:
+        response = client.post("/v1/predict", json={"requests": [{"task": "serve_k1_two", "text": "Q: ok?"}]})
+        assert response.status_code == 200, response.text
+        (expected,) = predictor.predict([Request("Q: ok?", task="serve_k1_two")])
+        assert response.json()["predictions"][0]["scores"] == pytest.approx(list(expected.scores), abs=1e-6)
+        assert client.post("/v1/predict", json={"requests": [{"text": "x"}]}).status_code == 422
+        assert client.get("/v1/prompts").status_code == 200  # the service's own routes still work

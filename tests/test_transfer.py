@@ -1,0 +1,117 @@
+"""Transfer: retrieval from a library, the three strategies, relative error reduction, study."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from library import Library, LibraryError
+from spot.tasks import get_task
+from spot.train import TrainConfig, train
+from spot.transfer import (
+    mixture_task,
+    query_prompt,
+    relative_error_reduction,
+    retrieve,
+    tune_target,
+    weighted_average,
+)
+from tiny_tasks import register_tiny_tasks
+
+CFG = dict(prompt_length=4, batch_size=8, steps=16, key_step=8, eval_every=8, eval_examples=32,
+           max_length=32)
+
+
+def test_relative_error_reduction():
+    assert relative_error_reduction(80.0, 90.0) == pytest.approx(0.5)
+    assert relative_error_reduction(80.0, 70.0) == pytest.approx(-0.5)
+    assert relative_error_reduction(100.0, 90.0) == 0.0
+
+
+def test_weighted_average():
+    a, b = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    np.testing.assert_allclose(weighted_average([a, b], [3.0, 1.0]), np.full((2, 3), 0.75))
+    with pytest.raises(ValueError, match="shapes"):
+        weighted_average([a, np.ones((3, 3))], [1, 1])
+    with pytest.raises(ValueError, match="positive sum"):
+        weighted_average([a, b], [0.0, 0.0])
+
+
+def test_mixture_is_examples_proportional_and_keeps_target_eval():
+    names = register_tiny_tasks()
+    target, sources = get_task(names[1]), [get_task(names[0]), get_task(names[2])]
+    mixed = mixture_task(target, sources)
+    train_rows = mixed.load("train")
+    assert len(train_rows) == sum(len(t.load("train")) for t in [*sources, target])
+    assert all(len(e.choices) == 2 and e.label == 0 for e in train_rows)
+    assert mixed.load("validation") == target.load("validation")
+
+
+@pytest.fixture(scope="module")
+def source_library(tiny_llama, tmp_path_factory):
+    names = register_tiny_tasks()
+    root = tmp_path_factory.mktemp("sources")
+    library = Library(root / "library")
+    for name in (names[0], names[2]):
+        config = TrainConfig(task=name, **CFG)
+        run = train(tiny_llama, get_task(name), config, root / name, show_progress=False)
+        library.publish(run.out / "key.safetensors", run.out / "value.safetensors", {"task": name})
+    return library, names
+
+
+def test_query_retrieves_sources_and_every_strategy_runs(tiny_llama, source_library, tmp_path):
+    library, names = source_library
+    target = get_task(names[1])
+    config = TrainConfig(task=names[1], **CFG)
+    query = query_prompt(tiny_llama, target, config, tmp_path / "query")
+    found = retrieve(library, tiny_llama, query, k=2, metric="token")
+    assert {r.task for r in found} == {names[0], names[2]}
+    assert found[0].similarity >= found[1].similarity
+    for strategy in ("best-of-k", "weighted", "mixture"):
+        sources = [get_task(r.task) for r in found] if strategy == "mixture" else []
+        result = tune_target(tiny_llama, target, found, strategy, config, tmp_path / strategy,
+                             sources)
+        assert result.result.value is not None and result.runs
+        summary = json.loads((tmp_path / strategy / "transfer.json").read_text())
+        assert summary["strategy"] == strategy
+    best = tune_target(tiny_llama, target, found, "best-of-k", config, tmp_path / "best-of-k")
+    assert best.result.value_score == max(best.runs.values())  # resumed runs, same choice
+    with pytest.raises(ValueError, match="strategy"):
+        tune_target(tiny_llama, target, found, "magic", config, tmp_path / "x")
+
+
+def test_retrieval_excludes_and_never_mixes_backbones(tiny_llama, source_library):
+    from conftest import make_tiny_llama
+
+    library, names = source_library
+    other = make_tiny_llama(seed=9)
+    query = np.ones((4, 32), np.float32)
+    with pytest.raises(LibraryError, match="unknown backbone"):  # never mixes backbones
+        retrieve(library, other, query, k=2)
+    found = retrieve(library, tiny_llama, query, k=2, exclude=[names[0]])
+    assert [r.task for r in found] == [names[2]]
+
+
+def test_study_writes_results_and_resumes(tiny_llama, tmp_path):
+    from spot.study import StudyConfig, run_study
+
+    names = register_tiny_tasks()
+    config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), seeds=(0,),
+                         source_steps=8, target_steps=8, key_step=4, prompt_length=4,
+                         eval_examples=32, test_examples=32)
+    run_study(tiny_llama, config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {(r["source"], r["target"]) for r in rows} == {(names[0], names[1]), (names[2], names[1])}
+    for row in rows:
+        assert row["relative_error_reduction"] == pytest.approx(
+            relative_error_reduction(row["baseline_score"], row["transfer_score"]))
+        assert -1.0 <= row["sim_token"] <= 1.0
+    sims = [json.loads(line) for line in (tmp_path / "similarity.jsonl").read_text().splitlines()]
+    assert len(sims) == 2 * 3 * 3
+    assert all(s["similarity"] == pytest.approx(1.0, abs=1e-5) for s in sims if s["a"] == s["b"]
+               and s["metric"] == "mean")
+    before = (tmp_path / "results.jsonl").read_text()
+    run_study(tiny_llama, config, tmp_path)  # everything done: same rows
+    assert (tmp_path / "results.jsonl").read_text() == before
