@@ -66,17 +66,10 @@ _QUERY_BODY = {
                 "type": "object",
                 "required": ["prompt"],
                 "properties": {
-                    "prompt": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "prompt file (safetensors)",
-                    },
-                    "backbone": {
-                        "type": "string",
-                        "description": "default: the file's backbone metadata",
-                    },
-                    "metric": {"type": "string", "enum": ["mean", "token"]},
-                    "k": {"type": "integer", "minimum": 1},
+                    "prompt": {"type": "string", "format": "binary", "description": "prompt file"},
+                    **QueryOptions.model_json_schema()[
+                        "properties"
+                    ],  # backbone defaults to the file's
                 },
             }
         },

@@ -364,7 +364,11 @@ def heatmap(
     """Transferability figures (similarity, transfer, scatter, retrieval curve) as PNG."""
     from spot.figures import write_figures
 
-    for path in write_figures(results, out):
+    try:
+        paths = write_figures(results, out)
+    except (ValueError, OSError) as error:
+        _fail(error)
+    for path in paths:
         console.print(str(path))
 
 

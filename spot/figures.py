@@ -126,7 +126,7 @@ def scatter_figure(study: analysis.Study, metric: str) -> Figure:
     targets = [t for t in study.targets if any(p.target == t for p in pairs)]
     columns = min(3, max(1, len(targets)))
     rows = math.ceil(len(targets) / columns)
-    figure = _new_figure(4.2 * columns, 3.6 * rows + 0.8)
+    figure = _new_figure(max(4.2 * columns, 6.5), 3.6 * rows + 1.0)
     axes = figure.subplots(rows, columns, squeeze=False)
     for ax, target in zip(axes.flat, targets, strict=False):
         mine = [p for p in pairs if p.target == target]
@@ -147,7 +147,7 @@ def scatter_figure(study: analysis.Study, metric: str) -> Figure:
     pooled = found[analysis.ALL_TARGETS]
     overall = (f"all targets: r = {pooled.r:.2f}, p = {pooled.p:.2g} (n = {pooled.n})"
                if not math.isnan(pooled.r) else f"all targets: {pooled.note}")
-    _label(study, figure, f"Similarity ({metric}) vs transfer; {overall}")
+    _label(study, figure, f"Similarity ({metric}) vs transfer\n{overall}")
     return figure
 
 

@@ -13,8 +13,9 @@ Batching. Requests are tokenized, then grouped by what fixes the compiled shape 
 backbone's jitted `score`: the prompt length L (prompts are never padded: the backbone gives
 every prompt position full attention) and the answers' shape. Single-token answers are scored
 from one pass over the context, so they share a group across tasks whatever their number of
-choices (missing choices are masked and dropped); multi-token answers repeat the context once
-per choice, so they group by (number of choices, answer length rounded up to a multiple of 4).
+choices (the choice axis is padded to a power of two with masked choices, dropped from the
+result); multi-token answers repeat the context once per choice, so they group by (number of
+choices, answer length rounded up to a multiple of 4).
 Inside a group rows are sorted by context length and cut into batches of at most `batch_size`
 rows; the context is left-padded to a multiple of `bucket` tokens and the row count rounded up
 to a power of two, so few shapes ever compile. Each batch is ONE forward pass with per-row
@@ -344,16 +345,23 @@ class Predictor:
                     out[i] = s[: len(row.answers)]
         return out  # type: ignore[return-value]
 
-    def _score_batch(self, chunk: Sequence[_Row], k: int) -> np.ndarray:
-        size = _row_bucket(len(chunk), self.batch_size)
+    def _rows_for(self, n: int) -> int:
+        """Rows of a batch holding n requests (a power of two: few shapes compile)."""
+        return _row_bucket(n, self.batch_size)
+
+    def _make_batch(self, chunk: Sequence[_Row], k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per-row prompts [B, L, d] and a left-padded batch (see spot.backbones.base)."""
+        size = self._rows_for(len(chunk))
         c = max(len(r.answers) for r in chunk)
+        if k == 1:  # extra choices are free on the one-pass path: bucket them too
+            c = 1 << (c - 1).bit_length()
         length = bucket_length(max(len(r.context) for r in chunk), self.bucket, self.max_length)
         pad = self.backbone.pad_id
         tokens = np.full((size, length), pad, np.int32)
         mask = np.zeros((size, length), np.int32)
         choices = np.full((size, c, k), pad, np.int32)
         choice_mask = np.zeros((size, c, k), np.int32)
-        prompt = np.zeros((size, *chunk[0].prompt.shape), np.float32)
+        prompt = np.empty((size, *chunk[0].prompt.shape), np.float32)
         for i, row in enumerate(chunk):
             context = row.context[-length:]
             tokens[i, length - len(context) :] = context
@@ -362,13 +370,21 @@ class Predictor:
                 choices[i, j, : len(answer)] = answer
                 choice_mask[i, j, : len(answer)] = 1
             prompt[i] = row.prompt
-        prompt[len(chunk) :] = chunk[0].prompt  # padding rows: any valid prompt
+        prompt[len(chunk) :] = chunk[0].prompt  # padding rows (fully masked): any valid prompt
         batch = {"tokens": tokens, "mask": mask, "choices": choices,
                  "choice_mask": choice_mask, "labels": np.zeros(size, np.int32)}
-        scores = np.asarray(self.backbone.score(prompt, batch), np.float32)
+        return prompt, batch
+
+    def _run(self, prompt: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """One forward pass: [B, n_choices] log-likelihoods."""
+        return np.asarray(self.backbone.score(prompt, batch), np.float32)
+
+    def _score_batch(self, chunk: Sequence[_Row], k: int) -> np.ndarray:
+        prompt, batch = self._make_batch(chunk, k)
+        scores = self._run(prompt, batch)
         self.stats["batches"] += 1
         self.stats["rows"] += len(chunk)
-        self.stats["padded_rows"] += size - len(chunk)
+        self.stats["padded_rows"] += prompt.shape[0] - len(chunk)
         return scores[: len(chunk)]
 
     # ---- public entry points ---------------------------------------------------------------

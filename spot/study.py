@@ -24,7 +24,7 @@ from library.atomic import atomic_write
 from spot.backbones.base import Backbone
 from spot.tasks import get_task
 from spot.train import TrainConfig, train
-from spot.transfer import train_from_prompt, held_out_score, relative_error_reduction
+from spot.transfer import held_out_score, relative_error_reduction, train_from_prompt
 
 console = Console()
 
@@ -122,3 +122,18 @@ def _write_similarities(out: Path, keys: dict[str, np.ndarray], config: StudyCon
         roles[target] = "both" if target in roles else "target"
     meta = {name: {"family": get_task(name).family, "role": role} for name, role in roles.items()}
     atomic_write(out / "tasks.json", json.dumps(meta, indent=1).encode())
+
+
+def ship_sources(study_dir: str | Path, dest: str | Path, rebuild_command: str) -> Library:
+    """Publish a study's source runs into the library at `dest`, each entry recording where its
+    training data comes from and the command that rebuilds it."""
+    study_dir = Path(study_dir)
+    config = json.loads((study_dir / "study.json").read_text())
+    library = Library(dest)
+    for name in config["sources"]:
+        run = study_dir / "sources" / name
+        data = ("bigbench==1.0.0 sdist (PyPI)" if get_task(name).family == "bigbench"
+                else "../shared/data (not on a fresh machine)")
+        library.publish(run / "key.safetensors", run / "value.safetensors",
+                        {"task": name, "data": data, "rebuild": rebuild_command})
+    return library

@@ -24,13 +24,14 @@ from spot.serve import (
 from spot.serve_http import add_predict_route
 from spot.tasks import Example, Task, register_task
 
-WORDS = ["the film", "a plot", "it was", "bad acting", "great fun", "so dull and long", "fine", "ok"]
+WORDS = ["film", "a plot", "it was", "bad", "fun", "so dull", "fine", "ok"]  # contexts <= 16 bytes:
+# one length bucket, so few shapes compile
 
 
 def _task(name: str, choices: tuple[str, ...], template: str) -> Task:
     rng = np.random.default_rng(len(name))
-    rows = [Example(template.format(w=WORDS[i % len(WORDS)] * (1 + i % 3)), choices,
-                    int(rng.integers(len(choices)))) for i in range(12)]
+    rows = [Example(template.format(w=WORDS[i]), choices, int(rng.integers(len(choices))))
+            for i in range(len(WORDS))]
     splits = {"train": rows, "validation": rows, "test": rows}
     return register_task(Task(name, "user", len(choices), ("accuracy",), lambda: splits), replace=True)
 
@@ -38,9 +39,9 @@ def _task(name: str, choices: tuple[str, ...], template: str) -> Task:
 # single-byte choices take the backbone's one-pass path (k == 1) and share a group whatever
 # their number; multi-byte choices repeat the context per choice (k > 1).
 TASKS = {
-    "serve_k1_three": (("n", "p", "x"), "Review: {w}\nLabel:", 5),
+    "serve_k1_three": (("n", "p", "x"), "R: {w}\nL:", 5),
     "serve_k1_two": (("a", "b"), "Q: {w}?", 5),
-    "serve_multi": ((" no", " yes"), "{w}\nCorrect?", 5),
+    "serve_multi": ((" no", " yes"), "{w}\nOK?", 5),
     "serve_short_prompt": ((" n", " p"), "S: {w} ->", 3),
 }
 
@@ -57,7 +58,7 @@ def setup(tiny_llama):
 def _mixed_requests(tasks) -> list[tuple[str, int, Request]]:
     """Every task's test rows, interleaved across tasks."""
     out = []
-    for i in range(12):
+    for i in range(len(WORDS)):
         for name, task in tasks.items():
             out.append((name, i, Request(task.load("test")[i].text, task=name)))
     return out
@@ -70,7 +71,7 @@ def test_mixed_batch_equals_each_task_alone(setup):
     predictions = predictor.predict([r for _, _, r in mixed])
     mixed_batches = predictor.stats["batches"]
     # reference: the evaluation path, one task and one shared [L, d] prompt at a time
-    reference = {name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")))
+    reference = {name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")), 8)
                  for name, task in tasks.items()}
     alone = {name: Predictor(backbone, prompts=prompts, batch_size=8).predict(
         [r for n, _, r in mixed if n == name]) for name in tasks}
@@ -81,9 +82,9 @@ def test_mixed_batch_equals_each_task_alone(setup):
         assert prediction.label == tasks[name].load("test")[i].choices[prediction.index]
         assert prediction.choices == TASKS[name][0]
         assert (prediction.task, prediction.prompt_id) == (name, f"task:{name}")
-    # 48 rows in 4 shape groups: L=5 & one-token answers (2 tasks with 2 and 3 choices merged),
-    # L=5 & multi-token, L=3 & multi-token -> 3 groups of 24, 12, 12 rows -> 3 + 2 + 2 batches
-    assert mixed_batches == 7
+    # 32 rows in 3 shape groups: L=5 & one-token answers (2 tasks with 2 and 3 choices merged),
+    # L=5 & multi-token, L=3 & multi-token -> 16, 8, 8 rows -> 2 + 1 + 1 batches
+    assert mixed_batches == 4
     assert predictor.stats["padded_rows"] == 0
 
 
@@ -93,25 +94,25 @@ def test_prompts_of_different_lengths_from_the_library(setup, tmp_path):
     library = Library(tmp_path / "lib")
     meta = {"task": "serve_multi", "backbone": backbone.identity}
     ids = {}
-    for length, score in ((2, 50.0), (7, 90.0), (4, 70.0)):
+    for length, score in ((3, 50.0), (7, 90.0), (5, 70.0)):
         key = rng.normal(size=(length, backbone.d_model)).astype(np.float32)
         value = rng.normal(0, 0.5, (length, backbone.d_model)).astype(np.float32)
         ids[length] = library.publish(key, (value, {"score": score, "step": 5}), meta).value
-    predictor = Predictor(backbone, library, batch_size=4, cache_size=2)
+    predictor = Predictor(backbone, library, batch_size=8, cache_size=2)
     assert predictor.best_entry("serve_multi") == ids[7]  # highest validation score
-    examples = tasks["serve_multi"].load("test")[:5]
+    examples = tasks["serve_multi"].load("test")
     requests = [Request(e.text, prompt_id=ids[length]) for e in examples for length in ids]
-    requests.append(Request(examples[0].text, task="serve_multi"))
+    requests[1] = Request(examples[0].text, task="serve_multi")  # resolves to ids[7]
     predictions = predictor.predict(requests)
+    assert predictions[1].prompt_id == ids[7]
     for length, entry_id in ids.items():
         prompt, _ = library.load(entry_id)
         assert prompt.shape[0] == length
-        reference = score_encoded(backbone, prompt, encode(backbone, examples))
-        got = [p.scores for p in predictions[:-1] if p.prompt_id == entry_id]
+        reference = score_encoded(backbone, prompt, encode(backbone, examples), 8)
+        got = [p.scores for p in predictions if p.prompt_id == entry_id]
         np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
-    assert predictions[-1].prompt_id == ids[7]
-    assert predictions[-1].scores == predictions[1].scores
-    assert predictions[0].task == "serve_multi"
+    assert all(p.task == "serve_multi" for p in predictions)
+    assert predictor.stats["batches"] == 3 and predictor.stats["padded_rows"] == 0
     assert len(predictor._cache) == 2  # LRU bounded
     with pytest.raises(PromptNotFound):
         predictor.predict([Request("x", prompt_id="0" * 16)])
@@ -146,8 +147,8 @@ def test_request_validation(setup):
     with pytest.raises(ServeError):
         Request("text", task="serve_multi", choices=(" a", " a"))
     # explicit choices override the task's verbaliser
-    (prediction,) = predictor.predict([Request("S: fine ->", task="serve_multi", choices=(" x", " y", " z"))])
-    assert prediction.choices == (" x", " y", " z") and len(prediction.scores) == 3
+    predictions = predictor.predict([Request(w, task="serve_multi", choices=(" x", " yy")) for w in WORDS])
+    assert all(p.choices == (" x", " yy") and len(p.scores) == 2 for p in predictions)
     assert predictor.predict([]) == []
 
 
@@ -165,11 +166,11 @@ def test_ensemble_matches_single_prompts(setup):
     backbone, tasks, _ = setup
     task = tasks["serve_k1_three"]
     rng = np.random.default_rng(2)
-    members = [rng.normal(0, 0.5, (length, backbone.d_model)).astype(np.float32) for length in (4, 4, 6)]
+    members = [rng.normal(0, 0.5, (5, backbone.d_model)).astype(np.float32) for _ in range(3)]
     predictor = Predictor(backbone, batch_size=8)
     examples = task.load("test")
     ensemble = predictor.predict_ensemble(examples, members)
-    singles = [score_encoded(backbone, p, encode(backbone, examples)) for p in members]
+    singles = [score_encoded(backbone, p, encode(backbone, examples), 8) for p in members]
     for i, prediction in enumerate(ensemble):
         member_scores = np.stack([s[i] for s in singles])
         vote, mean_index, votes, mean = combine(member_scores)
@@ -181,7 +182,7 @@ def test_ensemble_matches_single_prompts(setup):
     report = ensemble_report(predictor, task, members, split="test")
     assert report.n_examples == len(examples) and report.metric == "accuracy"
     for j, prompt in enumerate(members):
-        assert report.single[j] == pytest.approx(evaluate(backbone, prompt, task, "test")["accuracy"])
+        assert report.single[j] == pytest.approx(evaluate(backbone, prompt, task, "test", batch_size=8)["accuracy"])
     labels = np.array([e.label for e in examples])
     assert report.vote == pytest.approx(100 * np.mean([p.index for p in ensemble] == labels))
     assert report.mean_logprob == pytest.approx(100 * np.mean([p.mean_index for p in ensemble] == labels))
@@ -222,11 +223,12 @@ def test_predict_route(setup, tmp_path):
     entry = library.publish(value * 3, value, {"task": "serve_multi", "backbone": backbone.identity}).value
     other = library.publish(value * 3, value, {"task": "serve_multi", "backbone": "llama-x-y"}).value
     predictor = Predictor(backbone, library, prompts=prompts, batch_size=8)
-    items = [
-        {"task": "serve_k1_three", "text": "Review: fine\nLabel:"},
-        {"prompt_id": entry, "text": "fine fine\nCorrect?"},
-        {"task": "serve_short_prompt", "text": "S: ok ->", "choices": [" n", " p", " q"]},
-    ]
+    # 8 rows of each kind: the shapes compiled by the tests above are reused
+    items = [item for w in WORDS for item in (
+        {"task": "serve_k1_three", "text": f"R: {w}\nL:"},
+        {"prompt_id": entry, "text": f"{w}\nOK?"},
+        {"task": "serve_short_prompt", "text": f"S: {w} ->", "choices": [" q", " r"]},
+    )]
     expected = predictor.predict([Request(i["text"], i.get("prompt_id"), i.get("task"),
                                           tuple(i["choices"]) if "choices" in i else None)
                                   for i in items])
@@ -239,6 +241,7 @@ def test_predict_route(setup, tmp_path):
         np.testing.assert_allclose([s for p in got for s in p["scores"]],
                                    [s for p in expected for s in p.scores], atol=1e-6)
         assert got[1]["prompt_id"] == entry and got[1]["task"] == "serve_multi"
+        assert got[2]["choices"] == [" q", " r"] and got[0]["prompt_id"] == "task:serve_k1_three"
 
         def post(body):
             return client.post("/v1/predict", json=body)
@@ -265,9 +268,13 @@ def test_predict_route_on_the_retrieval_app(setup, tmp_path):
     predictor = Predictor(backbone, prompts=prompts)
     app = add_predict_route(create_app(tmp_path / "lib", tokens=[]), predictor)
     with TestClient(app) as client:
-        response = client.post("/v1/predict", json={"requests": [{"task": "serve_k1_two", "text": "Q: ok?"}]})
+        items = [{"task": "serve_k1_three", "text": f"R: {w}\nL:"} for w in WORDS]
+        response = client.post("/v1/predict", json={"requests": items})
         assert response.status_code == 200, response.text
-        (expected,) = predictor.predict([Request("Q: ok?", task="serve_k1_two")])
-        assert response.json()["predictions"][0]["scores"] == pytest.approx(list(expected.scores), abs=1e-6)
+        expected = predictor.predict([Request(i["text"], task=i["task"]) for i in items])
+        got = response.json()["predictions"]
+        for prediction, want in zip(got, expected, strict=True):
+            assert prediction["index"] == want.index
+            assert prediction["scores"] == pytest.approx(list(want.scores), abs=1e-6)
         assert client.post("/v1/predict", json={"requests": [{"text": "x"}]}).status_code == 422
         assert client.get("/v1/prompts").status_code == 200  # the service's own routes still work

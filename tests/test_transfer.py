@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny_tasks import register_tiny_tasks
 
 from library import Library, LibraryError
 from spot.tasks import get_task
@@ -18,7 +19,6 @@ from spot.transfer import (
     tune_target,
     weighted_average,
 )
-from tiny_tasks import register_tiny_tasks
 
 CFG = dict(prompt_length=4, batch_size=8, steps=16, key_step=8, eval_every=8, eval_examples=32,
            max_length=32)

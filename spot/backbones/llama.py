@@ -164,7 +164,8 @@ def _prefixed_hidden(
     bos_id: int | None,
     rng: jax.Array | None,
 ) -> jax.Array:
-    """[BOS?] + prompt + tokens -> hidden states of the token columns. [batch, length, d_model]."""
+    """Plain path: [BOS?] + prompt + tokens through the Flax modules -> hidden states of the token
+    columns [batch, length, d_model]. The reference for the fast path; also serves dropout > 0."""
     model = LlamaModel(config, deterministic=rng is None)
     variables = {"params": params}
     batch = tokens.shape[0]
@@ -183,6 +184,198 @@ def _prefixed_hidden(
     return hidden[:, -tokens.shape[1] :]
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast path: the same model as pure functions over the stored param tree (same layout).
+#
+# * Shared prefix: [BOS] + a shared [L, d] prompt come first in every row, so under causal
+#   attention their hidden states (hence keys/values) are identical across rows. They run once,
+#   as a one-row prefix stream whose keys/values every row attends to: batch x L fewer
+#   token-columns of work, exact up to float reassociation. Per-row prompts [B, L, d] stay in
+#   the rows.
+# * Pruned last layer: only the columns whose logits are read get queries, the output
+#   projection and the MLP in the last layer; the prefix stream skips it.
+# * Fused projections: one matmul for q|k|v and one for gate|up (kernels concatenated per layer
+#   inside the step; the stored tree is unchanged).
+# Only the prompt is differentiated (the trainer takes grad w.r.t. argnums=1), so no weight
+# gradients exist in the step (tests/test_fast_paths.py checks the HLO).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _FastOptions:
+    share_prefix: bool = True  # run [BOS] + a shared prompt once, not once per row
+    prune_last: bool = True  # last layer only at the columns whose logits are read
+    fuse: bool = True  # one matmul for q|k|v and one for gate|up
+    unroll: int | bool = 1  # lax.scan unroll factor over layers (True: fully unrolled)
+
+
+FAST = _FastOptions()
+
+
+def _rms(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(variance + eps) * scale
+
+
+def _rope_table(positions: jax.Array, head_dim: int, theta: float):
+    """[batch, length] positions -> (cos, sin), each [batch, length, 1, head_dim // 2]."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def _rope(x: jax.Array, table) -> jax.Array:
+    """Rotate-half rotary embedding of [batch, length, heads, head_dim]."""
+    cos, sin = table
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _attend(cfg: LlamaConfig, q, k, v, bias):
+    """GQA without repeating k/v. q [b, tq, heads, hd], k/v [b, tk, kv, hd], bias [b, tq, tk]."""
+    b, tq = q.shape[:2]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, tq, cfg.num_kv_heads, groups, cfg.head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * cfg.head_dim**-0.5
+    weights = jax.nn.softmax(logits + bias[:, None, None], axis=-1)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(b * tq, -1)
+
+
+def _project(h: jax.Array, kernels: list[jax.Array], fuse: bool) -> list[jax.Array]:
+    """[h @ w for w in kernels]; with `fuse`, one matmul over the concatenated kernels."""
+    if not fuse or len(kernels) == 1:
+        return [h @ w for w in kernels]
+    cuts = [sum(w.shape[1] for w in kernels[: i + 1]) for i in range(len(kernels) - 1)]
+    return jnp.split(h @ jnp.concatenate(kernels, axis=1), cuts, axis=-1)
+
+
+def _mlp_residual(cfg: LlamaConfig, w, x: jax.Array, fuse: bool) -> jax.Array:
+    """x + MLP(RMSNorm(x)) over rows [n, d]."""
+    mlp = w["mlp"]
+    h = _rms(x, w["mlp_norm"]["scale"], cfg.rms_eps)
+    gate, up = _project(h, [mlp["gate"]["kernel"], mlp["up"]["kernel"]], fuse)
+    return x + (jax.nn.silu(gate) * up) @ mlp["down"]["kernel"]
+
+
+def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None):
+    """One block over the prefix stream [1, p, d] (or None) and the rows [b, t, d].
+
+    Both streams share every matmul (their rows are concatenated). With `cols=(lo, hi)` (the last
+    layer) only row columns lo:hi are computed to the end and the prefix output is dropped:
+    returns (None, [b, hi - lo, d]); otherwise (new prefix, [b, t, d]).
+    """
+    b, t, d = x.shape
+    nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn = w["attn"]
+    p = 0 if prefix is None else prefix.shape[1]
+    rows = x.reshape(b * t, d)
+    if p:
+        rows = jnp.concatenate([prefix.reshape(p, d), rows])
+    h = _rms(rows, w["attn_norm"]["scale"], cfg.rms_eps)
+    kernels = [attn["q"]["kernel"], attn["k"]["kernel"], attn["v"]["kernel"]]
+    table_p, table_x = tables
+    bias_p, bias_x = biases
+    if cols is None:
+        q, k, v = _project(h, kernels, fuse)
+        qx, tq, x_out = q[p:], t, x
+    else:
+        lo, hi = cols
+        k, v = _project(h, kernels[1:], fuse)
+        tq = hi - lo
+        qx = h[p:].reshape(b, t, d)[:, lo:hi].reshape(b * tq, d) @ attn["q"]["kernel"]
+        table_x = tuple(c[:, lo:hi] for c in table_x)
+        bias_x, x_out = bias_x[:, lo:hi], x[:, lo:hi]
+    qx = _rope(qx.reshape(b, tq, nh, hd), table_x)
+    keys = _rope(k[p:].reshape(b, t, kvh, hd), tables[1])
+    values = v[p:].reshape(b, t, kvh, hd)
+    if p:
+        kp = _rope(k[:p].reshape(1, p, kvh, hd), table_p)
+        vp = v[:p].reshape(1, p, kvh, hd)
+        keys = jnp.concatenate([jnp.broadcast_to(kp, (b, p, kvh, hd)), keys], axis=1)
+        values = jnp.concatenate([jnp.broadcast_to(vp, (b, p, kvh, hd)), values], axis=1)
+    out = _attend(cfg, qx, keys, values, bias_x)
+    residual = x_out.reshape(b * tq, d)
+    if p and cols is None:
+        qp = _rope(q[:p].reshape(1, p, nh, hd), table_p)
+        out = jnp.concatenate([_attend(cfg, qp, kp, vp, bias_p), out])
+        residual = jnp.concatenate([prefix.reshape(p, d), residual])
+    rows = _mlp_residual(cfg, w, residual + out @ attn["o"]["kernel"], fuse)
+    if p and cols is None:
+        return rows[:p].reshape(1, p, d), rows[p:].reshape(b, t, d)
+    return None, rows.reshape(b, tq, d)
+
+
+def _fast_hidden(
+    config: LlamaConfig,
+    params: Params,
+    prompt: jax.Array,
+    tokens: jax.Array,
+    mask: jax.Array,
+    bos_id: int | None,
+    cols: tuple[int, int] | None = None,
+    opts: _FastOptions = FAST,
+) -> jax.Array:
+    """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic."""
+    cfg = config
+    embed = params["embed"]["embedding"]
+    b, t = tokens.shape
+    prompt = prompt.astype(jnp.float32)
+    shared = []
+    if bos_id is not None:
+        shared.append(embed[jnp.asarray([bos_id])])
+    x, x_mask = embed[tokens], mask
+    if prompt.ndim == 2 and opts.share_prefix:
+        shared.append(prompt)
+    else:
+        rows_prompt = broadcast_prompt(prompt, b)
+        if not opts.share_prefix and shared:  # BOS per row too (ablation of the shared prefix)
+            rows_prompt = jnp.concatenate([jnp.broadcast_to(shared[0], (b, 1, cfg.d_model)),
+                                           rows_prompt], axis=1)
+            shared = []
+        x = jnp.concatenate([rows_prompt, x], axis=1)
+        x_mask = jnp.concatenate([jnp.ones(rows_prompt.shape[:2], mask.dtype), mask], axis=1)
+    prefix = jnp.concatenate(shared)[None] if shared else None
+    p, tx = (0 if prefix is None else prefix.shape[1]), x.shape[1]
+    prefix = prefix if p else None  # an empty shared prompt
+    # positions: the prefix is all real tokens, so rows continue from p (as cumsum over the whole)
+    pos_x = jnp.maximum(p + jnp.cumsum(x_mask, axis=-1) - 1, 0).astype(jnp.int32)
+    causal = jnp.tril(jnp.ones((tx, tx), dtype=bool))
+    bias_x = jnp.where(causal[None] & (x_mask[:, None, :] > 0), 0.0, NEG_INF).astype(jnp.float32)
+    bias_p = None
+    if p:
+        bias_x = jnp.concatenate([jnp.zeros((b, tx, p), jnp.float32), bias_x], axis=-1)
+        bias_p = jnp.where(jnp.tril(jnp.ones((p, p), dtype=bool)), 0.0, NEG_INF)[None]
+    tables = (_rope_table(jnp.arange(p)[None], cfg.head_dim, cfg.rope_theta),
+              _rope_table(pos_x, cfg.head_dim, cfg.rope_theta))
+    biases = (bias_p, bias_x)
+    lo, hi = (0, t) if cols is None else cols
+    lo, hi = lo + tx - t, hi + tx - t  # token columns -> row columns (per-row prompts first)
+    layers = params["layers"]
+    n_scan = cfg.num_layers - 1 if opts.prune_last else cfg.num_layers
+
+    def body(carry, i):
+        w = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), layers)
+        return _layer(cfg, opts.fuse, w, *carry, tables, biases), None
+
+    (prefix, x), _ = jax.lax.scan(body, (prefix, x), jnp.arange(n_scan), unroll=opts.unroll)
+    if opts.prune_last:
+        w = jax.tree_util.tree_map(lambda a: a[-1], layers)
+        _, x = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, cols=(lo, hi))
+    else:
+        x = x[:, lo:hi]
+    return _rms(x, params["norm"]["scale"], cfg.rms_eps)
+
+
+def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts):
+    """Hidden states of token columns lo:hi: fast path unless dropout is active."""
+    if opts is None or (rng is not None and config.dropout_rate > 0):
+        hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, rng)
+        return hidden if cols is None else hidden[:, cols[0] : cols[1]]
+    return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts)
+
+
 def _answer_log_probs(config, params, hidden, answers):
     """Log-probs of `answers` [n, k] given hidden states [n, k, d] that predict them."""
     logits = LlamaModel(config).apply({"params": params}, hidden, method=LlamaModel.logits)
@@ -195,32 +388,36 @@ def _with_answers(tokens, mask, answers, answer_mask):
     return jnp.concatenate([tokens, answers], 1), jnp.concatenate([mask, answer_mask], 1)
 
 
-def make_loss_fn(config: LlamaConfig, bos_id: int | None):
+def make_loss_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):
+    """`_opts=None` selects the plain Flax path (reference and benchmarks)."""
+
     def loss_fn(params: Params, prompt: jax.Array, batch: Batch, rng: jax.Array | None = None):
         """Mean cross-entropy over the gold answer's tokens."""
         rows = jnp.arange(batch["tokens"].shape[0])
         gold = batch["choices"][rows, batch["labels"]]  # [batch, k]
         gold_mask = batch["choice_mask"][rows, batch["labels"]]
         tokens, mask = _with_answers(batch["tokens"], batch["mask"], gold, gold_mask)
-        k = gold.shape[1]
-        hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, rng)
-        log_probs = _answer_log_probs(config, params, hidden[:, -k - 1 : -1], gold)
+        k, t = gold.shape[1], tokens.shape[1]
+        hidden = _hidden(config, params, prompt, tokens, mask, bos_id, rng, (t - k - 1, t - 1), _opts)
+        log_probs = _answer_log_probs(config, params, hidden, gold)
         weights = gold_mask.astype(jnp.float32)
         return -jnp.sum(log_probs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     return loss_fn
 
 
-def make_score_fn(config: LlamaConfig, bos_id: int | None):
+def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):
+    """`_opts=None` selects the plain Flax path (reference and benchmarks)."""
+
     def score_fn(params: Params, prompt: jax.Array, batch: Batch) -> jax.Array:
         """[batch, n_choices] summed log-likelihood of each choice."""
         choices, choice_mask = batch["choices"], batch["choice_mask"]
         n, c, k = choices.shape
         if k == 1:  # one token per answer: one pass over the context, read the last position
-            hidden = _prefixed_hidden(
-                config, params, prompt, batch["tokens"], batch["mask"], bos_id, None
-            )
-            last = jnp.broadcast_to(hidden[:, -1:], (n, c, hidden.shape[-1]))
+            t = batch["tokens"].shape[1]
+            hidden = _hidden(config, params, prompt, batch["tokens"], batch["mask"], bos_id, None,
+                             (t - 1, t), _opts)
+            last = jnp.broadcast_to(hidden, (n, c, hidden.shape[-1]))
             log_probs = _answer_log_probs(config, params, last, choices[..., 0])
             return log_probs * choice_mask[..., 0]
         # multi-token answers: each (row, choice) is its own sequence
@@ -230,18 +427,19 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None):
             prompt = jnp.repeat(prompt, c, axis=0)
         answers, answer_mask = choices.reshape(n * c, k), choice_mask.reshape(n * c, k)
         tokens, mask = _with_answers(tokens, mask, answers, answer_mask)
-        hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, None)
-        log_probs = _answer_log_probs(config, params, hidden[:, -k - 1 : -1], answers)
+        t = tokens.shape[1]
+        hidden = _hidden(config, params, prompt, tokens, mask, bos_id, None, (t - k - 1, t - 1), _opts)
+        log_probs = _answer_log_probs(config, params, hidden, answers)
         return jnp.sum(log_probs * answer_mask, axis=-1).reshape(n, c)
 
     return score_fn
 
 
-def make_logits_fn(config: LlamaConfig, bos_id: int | None):
+def make_logits_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):
     """Full next-token logits at every token column (generation and parity tests only)."""
 
     def logits_fn(params: Params, prompt: jax.Array, tokens: jax.Array, mask: jax.Array):
-        hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, None)
+        hidden = _hidden(config, params, prompt, tokens, mask, bos_id, None, None, _opts)
         return LlamaModel(config).apply({"params": params}, hidden, method=LlamaModel.logits)
 
     return logits_fn
