@@ -382,9 +382,10 @@ class Predictor:
     def _score_batch(self, chunk: Sequence[_Row], k: int) -> np.ndarray:
         prompt, batch = self._make_batch(chunk, k)
         scores = self._run(prompt, batch)
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(chunk)
-        self.stats["padded_rows"] += prompt.shape[0] - len(chunk)
+        with self._lock:
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(chunk)
+            self.stats["padded_rows"] += prompt.shape[0] - len(chunk)
         return scores[: len(chunk)]
 
     # ---- public entry points ---------------------------------------------------------------
@@ -394,7 +395,11 @@ class Predictor:
         requests = list(requests)
         if not requests:
             return []
-        resolved = [self.resolve(r) for r in requests]
+        named: dict[tuple[str | None, str | None], _Prompt] = {}  # resolve each name once per call
+        for r in requests:
+            if (r.prompt_id, r.task) not in named:
+                named[r.prompt_id, r.task] = self.resolve(r)
+        resolved = [named[r.prompt_id, r.task] for r in requests]
         choice_sets = []
         for request, prompt in zip(requests, resolved, strict=True):
             if request.choices is not None:

@@ -41,6 +41,7 @@ class StudyConfig:
     batch_size: int = 8
     eval_examples: int = 100
     test_examples: int = 200
+    target_eval_examples: int = 16  # targets validate once, at their last step
 
 
 def _train_config(config: StudyConfig, task: str, steps: int, seed: int) -> TrainConfig:
@@ -75,7 +76,10 @@ def run_study(backbone: Backbone, config: StudyConfig, out: str | Path) -> Path:
         task = get_task(target)
         for seed in config.seeds:
             base_dir = out / "targets" / target / f"seed{seed}"
-            base_cfg = _train_config(config, target, config.target_steps, seed)
+            base_cfg = dataclasses.replace(
+                _train_config(config, target, config.target_steps, seed),
+                eval_every=config.target_steps, eval_examples=config.target_eval_examples,
+            )
             console.print(f"[bold]target[/bold] {target} seed {seed}: baseline")
             baseline = train(backbone, task, base_cfg, base_dir / "baseline")
             base_score = held_out_score(backbone, task, baseline, config.test_examples)
@@ -124,13 +128,14 @@ def _write_similarities(out: Path, keys: dict[str, np.ndarray], config: StudyCon
     atomic_write(out / "tasks.json", json.dumps(meta, indent=1).encode())
 
 
-def ship_sources(study_dir: str | Path, dest: str | Path, rebuild_command: str) -> Library:
-    """Publish a study's source runs into the library at `dest`, each entry recording where its
-    training data comes from and the command that rebuilds it."""
+def ship_sources(
+    study_dir: str | Path, dest: str | Path, rebuild_command: str, sources: Sequence[str]
+) -> Library:
+    """Publish finished source runs of a study into the library at `dest`, each entry recording
+    where its training data comes from and the command that rebuilds it."""
     study_dir = Path(study_dir)
-    config = json.loads((study_dir / "study.json").read_text())
     library = Library(dest)
-    for name in config["sources"]:
+    for name in sources:
         run = study_dir / "sources" / name
         data = ("bigbench==1.0.0 sdist (PyPI)" if get_task(name).family == "bigbench"
                 else "../shared/data (not on a fresh machine)")

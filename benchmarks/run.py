@@ -1,0 +1,463 @@
+"""SPoT vs Hugging Face PEFT prompt tuning: training and scoring speed on one CPU, in one run.
+
+Both sides use the same SmolLM2-135M-Instruct weights (our cached HF-layout directory, loaded by
+transformers' LlamaForCausalLM for PEFT), the same real SST-2 rows, batch 8, max length 128,
+prompt length 20, the same initial prompt and the Adafactor family (optax adafactor with the
+trainer's defaults vs transformers.optimization.Adafactor with lr 0.3, decay_rate -0.8,
+scale_parameter=False, relative_step=False, weight decay 1e-5). The loss is the LM loss of the
+gold answer's tokens (rank classification); scoring is the log-likelihood of each choice's token.
+
+Every measurement is a round-robin over the variants (order rotated per round) and the report gives
+medians over rounds and the median of the per-round ratios, never a single absolute time.
+
+    .venv/bin/python benchmarks/run.py                 # writes benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/run.py --quick         # fewer rounds and batches, prints only
+    .venv/bin/python benchmarks/run.py --ablations     # + each fast-path option switched off
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from _common import (  # noqa: E402
+    gflops,
+    interleaved,
+    llama_forward_flops,
+    machine,
+    median_ratio,
+    timed,
+    train_flops,
+)
+from spot import backbones  # noqa: E402
+from spot.backbones import llama  # noqa: E402
+from spot.batching import encode, eval_batches, make_batch, train_rows  # noqa: E402
+from spot.evaluation import subset  # noqa: E402
+from spot.prompts import initial_prompt  # noqa: E402
+from spot.tasks import get_task  # noqa: E402
+from spot.train import data_mesh, make_optimizer, make_train_step  # noqa: E402
+
+BATCH, MAX_LENGTH, PROMPT_LENGTH = 8, 128, 20
+
+
+# ----------------------------------------------------------------------------- our side
+def with_paths(backbone, opts):
+    """The backbone with loss/score built from fast-path options (`None`: the plain Flax path)."""
+    return dataclasses.replace(
+        backbone,
+        loss_fn=llama.make_loss_fn(backbone.config, backbone.bos_id, opts),
+        score_fn=llama.make_score_fn(backbone.config, backbone.bos_id, opts),
+    )
+
+
+class OursTrain:
+    """Runs our jitted train step (spot.train.make_train_step) over the batches, carrying state."""
+
+    def __init__(self, backbone, prompt, batches):
+        self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
+        self.optimizer = make_optimizer("adafactor", 0.3, 0.8, 1e-5)
+        self.step_fn = make_train_step(backbone, self.optimizer, data_mesh())
+        self.prompt = jnp.asarray(prompt)
+        self.state = self.optimizer.init(self.prompt)
+        self.rng = jax.random.PRNGKey(0)
+        self.losses: list[float] = []
+
+    def step(self, batch) -> float:
+        self.prompt, self.state, loss = self.step_fn(
+            self.backbone.params, self.prompt, self.state, batch, self.rng
+        )
+        return float(loss)  # blocks
+
+    def __call__(self) -> None:
+        self.losses = [self.step(b) for b in self.batches]
+
+
+class OursScore:
+    def __init__(self, backbone, prompt, batches):
+        self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
+        self.prompt = jnp.asarray(prompt)
+
+    def __call__(self) -> list[np.ndarray]:
+        return [np.asarray(self.backbone.score(self.prompt, b)) for b in self.batches]
+
+
+# ----------------------------------------------------------------------------- PEFT side
+def load_peft(model_dir: Path, prompt: np.ndarray):
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = get_peft_model(
+        base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_LENGTH)
+    )
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(prompt))
+    return model
+
+
+def torch_batch(batch, tight: bool):
+    """Our batch as torch tensors: context + gold answer, labels -100 outside the answer."""
+    import torch
+
+    tokens, mask = batch["tokens"], batch["mask"]
+    if tight:  # pad only to the longest row (what a HF collator does), not to our bucket
+        width = int(mask.sum(1).max())
+        tokens, mask = tokens[:, -width:], mask[:, -width:]
+    rows = np.arange(len(tokens))
+    gold = batch["choices"][rows, batch["labels"]]
+    gold_mask = batch["choice_mask"][rows, batch["labels"]]
+    ids = np.concatenate([tokens, gold], 1)
+    attention = np.concatenate([mask, gold_mask], 1)
+    labels = np.full_like(ids, -100)
+    labels[:, -gold.shape[1] :] = np.where(gold_mask > 0, gold, -100)
+    return {
+        "input_ids": torch.from_numpy(ids.astype(np.int64)),
+        "attention_mask": torch.from_numpy(attention.astype(np.int64)),
+        "labels": torch.from_numpy(labels.astype(np.int64)),
+        "gold": torch.from_numpy(gold.astype(np.int64)),
+        "gold_mask": torch.from_numpy(gold_mask.astype(np.float32)),
+        "context_ids": torch.from_numpy(tokens.astype(np.int64)),
+        "context_mask": torch.from_numpy(mask.astype(np.int64)),
+        "choices": torch.from_numpy(batch["choices"][..., 0].astype(np.int64)),
+    }
+
+
+class PeftTrain:
+    """PEFT prompt tuning steps. `keep=False`: the standard forward with labels (full logits);
+    `keep=True`: hand-optimised, logits only at the answer positions (`logits_to_keep`)."""
+
+    def __init__(self, model, batches, keep: bool, tight: bool = False):
+        from transformers.optimization import Adafactor
+
+        self.model, self.keep = model, keep
+        self.batches = [torch_batch(b, tight) for b in batches]
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert sum(p.numel() for p in params) == PROMPT_LENGTH * model.config.hidden_size
+        self.optimizer = Adafactor(params, lr=0.3, decay_rate=-0.8, weight_decay=1e-5,
+                                   scale_parameter=False, relative_step=False, warmup_init=False)
+        self.losses: list[float] = []
+
+    def loss(self, b):
+        import torch
+
+        if not self.keep:
+            return self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                              labels=b["labels"]).loss
+        k = b["gold"].shape[1]
+        logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            logits_to_keep=k + 1).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["gold"], reduction="none")
+        return (nll * b["gold_mask"]).sum() / b["gold_mask"].sum().clamp(min=1.0)
+
+    def step(self, b) -> float:
+        loss = self.loss(b)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def __call__(self) -> None:
+        self.model.train(False)  # no dropout (Llama has none; keeps both sides deterministic)
+        self.losses = [self.step(b) for b in self.batches]
+
+
+class PeftScore:
+    """Log-likelihood of each single-token choice at the last context position, no grad."""
+
+    def __init__(self, model, batches, keep: bool):
+        self.model, self.keep = model, keep
+        self.batches = [torch_batch(b, tight=False) for b in batches]
+
+    def __call__(self) -> list[np.ndarray]:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for b in self.batches:
+                kwargs = {"logits_to_keep": 1} if self.keep else {}
+                logits = self.model(input_ids=b["context_ids"], attention_mask=b["context_mask"],
+                                    **kwargs).logits[:, -1]
+                log_probs = torch.log_softmax(logits.float(), -1)
+                out.append(torch.gather(log_probs, 1, b["choices"]).numpy())
+        return out
+
+
+# ----------------------------------------------------------------------------- measurements
+def matmul_peak(repeats: int, n: int = 2048) -> dict[str, float]:
+    """fp32 GEMM GFLOP/s of numpy (its BLAS) and XLA, interleaved; medians."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    xla_dot = jax.jit(jnp.dot)
+    xla_dot(ja, jb).block_until_ready()
+    _ = a @ b
+    times = interleaved({"numpy sgemm": lambda: a @ b,
+                         "XLA sgemm": lambda: xla_dot(ja, jb).block_until_ready()}, repeats)
+    return {name: 2 * n**3 / float(np.median(t)) / 1e9 for name, t in times.items()}
+
+
+def step_flops(cfg, batches, opts, train: bool) -> float:
+    """Analytic matmul FLOPs of our step over all batches (see _common.llama_forward_flops)."""
+    total = 0.0
+    for b in batches:
+        n, t = b["tokens"].shape
+        k = b["choices"].shape[-1]
+        if train:
+            t, cols, answer_rows = t + k, k, n * k
+        else:
+            cols, answer_rows = 1, n * b["choices"].shape[1]  # single-token answers: last position
+        if opts is None:  # plain path: prompt in every row, every layer at every column
+            fwd = llama_forward_flops(cfg, n, t + PROMPT_LENGTH, 0, False, None, answer_rows)
+        else:
+            fwd = llama_forward_flops(
+                cfg, n, t if opts.share_prefix else t + PROMPT_LENGTH,
+                PROMPT_LENGTH if opts.share_prefix else 0, opts.share_prefix,
+                cols if opts.prune_last else None, answer_rows,
+            )
+        total += train_flops(fwd) if train else sum(fwd.values())
+    return total
+
+
+def first_call_seconds(fn_per_batch, batches) -> dict[int, float]:
+    """Seconds of the first call per distinct batch length (compile + one run)."""
+    seen: dict[int, float] = {}
+    for b in batches:
+        length = b["tokens"].shape[1]
+        if length not in seen:
+            seen[length] = timed(lambda b=b: fn_per_batch(b))
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-batches", type=int, default=6)
+    parser.add_argument("--score-batches", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 3+4 batches, no file")
+    parser.add_argument("--ablations", action="store_true", help="time each fast-path option off")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.train_batches, args.score_batches = 3, 3, 4
+    command = "  ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]]).strip()
+    import torch
+
+    info = machine()
+    info["torch threads"] = str(torch.get_num_threads())
+    info["jax devices"] = str(jax.devices())
+    print(info, flush=True)
+
+    backbone = backbones.load()
+    model_dir = backbones.smollm2_dir()
+    task = get_task("sst2")
+    encoded = encode(backbone, task.load("train"), max_length=MAX_LENGTH)
+    train_batches = [
+        make_batch(encoded, train_rows(len(encoded), BATCH, step, 0), backbone.pad_id,
+                   max_length=MAX_LENGTH, batch_size=BATCH)
+        for step in range(args.train_batches)
+    ]
+    valid = encode(backbone, subset(task.load("validation"), BATCH * args.score_batches),
+                   max_length=MAX_LENGTH)
+    score_batches = [b for _, b in eval_batches(valid, BATCH, backbone.pad_id, max_length=MAX_LENGTH)]
+    prompt = np.asarray(initial_prompt(backbone, "sampled_vocab", PROMPT_LENGTH, 0,
+                                       list(task.load("train")[0].choices)), np.float32)
+    lengths = {"train": [b["tokens"].shape[1] for b in train_batches],
+               "score": [b["tokens"].shape[1] for b in score_batches]}
+    print("context lengths (bucketed)", lengths, flush=True)
+
+    report: list[str] = []
+    peak = matmul_peak(args.rounds)
+    print("peak", peak, flush=True)
+
+    # --- our variants: fast-path options (None = the plain Flax path)
+    opts_of = {"ours (fast path)": llama.FAST, "ours (plain Flax path, before)": None}
+    if args.ablations:
+        for field, off in (("share_prefix", False), ("prune_last", False), ("fuse", False),
+                           ("unroll", True)):
+            opts_of[f"fast, {field}={off}"] = dataclasses.replace(llama.FAST, **{field: off})
+    ours_variants = {name: with_paths(backbone, opts) for name, opts in opts_of.items()}
+
+    # --- training
+    trains = {name: OursTrain(bb, prompt, train_batches) for name, bb in ours_variants.items()}
+    compile_train = {}
+    for name, runner in trains.items():
+        compile_train[name] = first_call_seconds(runner.step, train_batches)
+    peft_model = load_peft(model_dir, prompt)
+    trains["PEFT (labels, full logits)"] = PeftTrain(peft_model, train_batches, keep=False)
+    trains["PEFT (logits_to_keep)"] = PeftTrain(peft_model, train_batches, keep=True)
+    trains["PEFT (logits_to_keep, tight padding)"] = PeftTrain(peft_model, train_batches, keep=True,
+                                                                tight=True)
+    for runner in trains.values():
+        runner()  # warm-up round (compiles the remaining buckets, torch allocator)
+    train_times = interleaved(trains, args.rounds)
+    n_train = BATCH * len(train_batches)
+
+    # --- scoring
+    scores = {name: OursScore(bb, prompt, score_batches) for name, bb in ours_variants.items()}
+    compile_score = {}
+    for name, runner in scores.items():
+        compile_score[name] = first_call_seconds(
+            lambda b, r=runner: np.asarray(r.backbone.score(r.prompt, b)), score_batches)
+    scores["PEFT (full logits)"] = PeftScore(peft_model, score_batches, keep=False)
+    scores["PEFT (logits_to_keep=1)"] = PeftScore(peft_model, score_batches, keep=True)
+    results = {name: runner() for name, runner in scores.items()}
+    agree = {name: float(np.max(np.abs(np.concatenate(r) - np.concatenate(results["ours (plain Flax path, before)"]))))
+             for name, r in results.items() if name.startswith(("ours", "fast"))}
+    score_times = interleaved(scores, args.rounds)
+    n_score = BATCH * len(score_batches)
+
+    # --- loss parity with PEFT on unpadded rows (PEFT ignores position ids, so compare without
+    # left padding): one row at a time, fresh prompt
+    parity = loss_parity(backbone, model_dir, prompt, encoded)
+
+    # --- FLOPs
+    flops = {name: step_flops(backbone.config, train_batches, opts_of[name], True)
+             for name in ours_variants}
+    plain_flops = flops["ours (plain Flax path, before)"]
+    sflops = {name: step_flops(backbone.config, score_batches, opts_of[name], False)
+              for name in ours_variants}
+    best_peak = max(peak.values())
+
+    # --- report
+    def rate(times, name, n):
+        return n / float(np.median(times[name]))
+
+    lines = [
+        "# Benchmark results: SPoT vs Hugging Face PEFT prompt tuning (CPU)",
+        "",
+        f"Command: `{command}` (from the repository root; `make bench` runs it without options).",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+        "## Setup",
+        "",
+        f"- SmolLM2-135M-Instruct, fp32, from `{model_dir}` for both sides "
+        "(transformers `LlamaForCausalLM.from_pretrained`, PEFT `PromptTuningConfig(task_type=CAUSAL_LM, "
+        f"num_virtual_tokens={PROMPT_LENGTH})`, sdpa attention, torch {torch.get_num_threads()} threads).",
+        f"- SST-2 rows from the task registry: {len(train_batches)} training batches "
+        f"(`train_rows` steps 0..{len(train_batches) - 1}, seed 0) and {len(score_batches)} validation "
+        f"batches, batch {BATCH}, max length {MAX_LENGTH}, our bucketing (multiples of 16); "
+        f"context lengths: train {lengths['train']}, score {lengths['score']}.",
+        f"- Prompt length {PROMPT_LENGTH}, same initial prompt (sampled vocab, seed 0) on both sides; "
+        "each training variant keeps training its own prompt across rounds.",
+        "- Optimizers: optax adafactor (lr 0.3, decay 0.8, no parameter scaling, weight decay 1e-5) vs "
+        "transformers.optimization.Adafactor(lr=0.3, decay_rate=-0.8, scale_parameter=False, "
+        "relative_step=False, weight_decay=1e-5).",
+        "- PEFT gets exactly our padded batches (left padding, same tensors) unless marked *tight "
+        "padding* (padded only to the longest row of the batch, as a HF collator would).",
+        f"- {args.rounds} rounds; every round runs every variant once over all its batches, "
+        "in rotated order. Throughputs are medians over rounds; ratios are medians of per-round ratios.",
+        "",
+        "## Matmul peak (fp32, 2048^3, same run)",
+        "",
+        *[f"- {k}: {v:.1f} GFLOP/s" for k, v in peak.items()],
+        "",
+        "## Training (forward + backward w.r.t. the prompt + Adafactor update)",
+        "",
+        "| variant | examples/s (median) | ours (fast) speed-up vs this |",
+        "|---|---|---|",
+    ]
+    for name in trains:
+        lines.append(f"| {name} | {rate(train_times, name, n_train):.2f} | "
+                     f"{median_ratio(train_times, name, 'ours (fast path)'):.2f}x |")
+    fast_time = float(np.median(train_times["ours (fast path)"]))
+    plain_time = float(np.median(train_times["ours (plain Flax path, before)"]))
+    lines += [
+        "",
+        "FLOPs are counted analytically (matmuls only: projections, attention, answer logits; "
+        "backward = input gradients only; see `benchmarks/_common.py`). "
+        "`cost_analysis()` is not used because it counts a `lax.scan` body once, not once per layer.",
+        "",
+        f"- our fast step executes {gflops(flops['ours (fast path)'] / len(train_batches))} GFLOP per batch "
+        f"(the plain path {gflops(plain_flops / len(train_batches))}): "
+        f"{flops['ours (fast path)'] / fast_time / 1e9:.1f} GFLOP/s achieved = "
+        f"**{100 * flops['ours (fast path)'] / fast_time / 1e9 / best_peak:.0f}% of the measured peak** "
+        f"({best_peak:.1f} GFLOP/s, best of the two GEMMs above).",
+        f"- counting the plain path's FLOPs as the useful work (model FLOPs), the fast step runs at "
+        f"{plain_flops / fast_time / 1e9:.1f} GFLOP/s = {100 * plain_flops / fast_time / 1e9 / best_peak:.0f}% of peak.",
+        f"- the plain path: {plain_flops / plain_time / 1e9:.1f} GFLOP/s = "
+        f"{100 * plain_flops / plain_time / 1e9 / best_peak:.0f}% of peak.",
+        "",
+        "First call per bucket length (compile + one step), seconds:",
+        "",
+    ]
+    for name, per in compile_train.items():
+        lines.append(f"- {name}: " + ", ".join(f"length {k}: {v:.1f}" for k, v in sorted(per.items())))
+    lines += [
+        "",
+        "## Scoring (rank classification, single-token answers, no grad)",
+        "",
+        "| variant | examples/s (median) | ours (fast) speed-up vs this |",
+        "|---|---|---|",
+    ]
+    for name in scores:
+        lines.append(f"| {name} | {rate(score_times, name, n_score):.2f} | "
+                     f"{median_ratio(score_times, name, 'ours (fast path)'):.2f}x |")
+    sfast = float(np.median(score_times["ours (fast path)"]))
+    lines += [
+        "",
+        f"- fast scoring executes {gflops(sflops['ours (fast path)'] / len(score_batches))} GFLOP per batch: "
+        f"{sflops['ours (fast path)'] / sfast / 1e9:.1f} GFLOP/s = "
+        f"{100 * sflops['ours (fast path)'] / sfast / 1e9 / best_peak:.0f}% of peak.",
+        "- max |score difference| vs the plain path: "
+        + ", ".join(f"{k}: {v:.1e}" for k, v in agree.items()),
+        "",
+        "First call per bucket length (compile + one batch), seconds:",
+        "",
+    ]
+    for name, per in compile_score.items():
+        lines.append(f"- {name}: " + ", ".join(f"length {k}: {v:.1f}" for k, v in sorted(per.items())))
+    lines += [
+        "",
+        "## Same loss on both sides",
+        "",
+        "Unpadded single rows (PEFT ignores position ids, so left padding shifts its rotary "
+        "positions; ours skips padding), same prompt, loss of the gold answer:",
+        "",
+        *[f"- {line}" for line in parity],
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.quick:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+
+
+def loss_parity(backbone, model_dir, prompt, encoded, rows=(0, 1, 2)) -> list[str]:
+    import torch
+
+    model = load_peft(model_dir, prompt)
+    model.train(False)
+    out = []
+    loss_fn = jax.jit(backbone.loss_fn)
+    for r in rows:
+        batch = make_batch(encoded, [r], backbone.pad_id, bucket=1, max_length=MAX_LENGTH)
+        ours = float(loss_fn(backbone.params, jnp.asarray(prompt), batch, None))
+        b = torch_batch(batch, tight=False)
+        with torch.no_grad():
+            theirs = float(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 labels=b["labels"]).loss)
+        out.append(f"row {r}: ours {ours:.5f}, PEFT {theirs:.5f}, |diff| {abs(ours - theirs):.1e}")
+    return out
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - started:.0f} s")

