@@ -27,7 +27,10 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(0.5)  # let the previous variant's spinning OpenMP/Eigen workers park
             times[name].append(timed(variants[name]))
+        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()),
+              flush=True)
     return times
 
 
@@ -64,7 +67,7 @@ def machine() -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "isa": isa,
         "load average at start (1, 5, 15 min)": load,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(unset)"),
         **versions,

@@ -1,11 +1,12 @@
 """Where the time of one SmolLM2 train step goes: sub-computations timed in one process, interleaved.
 
 Times, for one SST-2-sized batch (batch 8, context bucket 48 + 1 answer token, prompt 20), the
-whole jitted train step and its pieces, each jitted alone and run forward + backward w.r.t. its
-input (no weight gradients, as in the step): the projections of one layer (fused q|k|v, o,
-fused gate|up, down), the attention core (scores, softmax, weighted sum), the elementwise rest of
-a layer (RMSNorm, rotary, SiLU, residuals: the whole layer minus the matmuls), the whole layer,
-and the answer logits. Per-layer pieces are multiplied by the number of layers.
+whole jitted train step (plain and fast path) and its pieces, each jitted alone and run forward +
+backward w.r.t. its input (no weight gradients, as in the step): the projections of one layer
+(fused q|k|v, o, fused gate|up, down) over the rows each path feeds them, the attention core
+(scores, softmax, weighted sum) and the answer logits. Per-layer pieces are multiplied by the
+number of layers; the step minus the pieces is the elementwise rest (RMSNorm, rotary, SiLU,
+residuals, slicing/copies, the optimizer update).
 
     .venv/bin/python benchmarks/_profile.py [--rounds 5] [--context 48]
 """
@@ -24,16 +25,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 from _common import interleaved  # noqa: E402
+
 from spot import backbones  # noqa: E402
 from spot.backbones import llama  # noqa: E402
 from spot.train import data_mesh, make_optimizer, make_train_step  # noqa: E402
 
 
 def fwd_bwd(fn):
-    """x -> (fn(x), d sum(fn(x)) / dx): forward + input-gradient backward, jitted."""
-    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a))))
+    """(x, *weights) -> (sum fn, d sum / dx): forward + input-gradient backward, jitted; the
+    weights are arguments (not constants XLA would fold)."""
+    return jax.jit(jax.value_and_grad(lambda x, *w: jnp.sum(fn(x, *w))))
 
 
 def main() -> None:
@@ -81,14 +83,15 @@ def main() -> None:
         down = w["mlp"]["down"]["kernel"]
         o = w["attn"]["o"]["kernel"]
 
-        def matmuls(x, qkv=qkv, gate_up=gate_up, down=down, o=o):
+        def matmuls(x, qkv, gate_up, down, o):
             a = x @ qkv
             g = x @ gate_up
             return jnp.sum(a) + jnp.sum(x @ o) + jnp.sum(g[:, : cfg.d_ff] @ down)
 
         f = fwd_bwd(matmuls)
         pieces[f"{cfg.num_layers} x layer projections ({name}, {rows} rows)"] = (
-            lambda f=f, x=x: f(x)[0].block_until_ready(), cfg.num_layers)
+            lambda f=f, x=x, w=(qkv, gate_up, down, o): f(x, *w)[0].block_until_ready(),
+            cfg.num_layers)
         # attention core over [batch, t(+prompt), kv, groups, hd]
         seq = t + args.prompt
         groups = cfg.num_heads // cfg.num_kv_heads
@@ -98,20 +101,22 @@ def main() -> None:
                                              dtype=np.float32))
         bias = jnp.zeros((args.batch, q.shape[1], seq), jnp.float32)
 
-        def attention(q, k, bias=bias):
+        def attention(q, k, bias):
             logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * cfg.head_dim**-0.5
             weights = jax.nn.softmax(logits + bias[:, None, None], axis=-1)
             return jnp.einsum("bhgqk,bkhd->bqhgd", weights, k)
 
-        f = jax.jit(jax.value_and_grad(lambda q, k: jnp.sum(attention(q, k)), argnums=(0, 1)))
+        f = jax.jit(jax.value_and_grad(lambda q, k, bias: jnp.sum(attention(q, k, bias)),
+                                       argnums=(0, 1)))
         pieces[f"{cfg.num_layers} x attention core ({name})"] = (
-            lambda f=f, q=q, kv=kv: f(q, kv)[0].block_until_ready(), cfg.num_layers)
+            lambda f=f, q=q, kv=kv, bias=bias: f(q, kv, bias)[0].block_until_ready(),
+            cfg.num_layers)
 
     # logits at the answer positions (fast and plain do the same)
     h = jnp.asarray(rng.standard_normal((args.batch, 1, cfg.d_model), dtype=np.float32))
     embed = b.params["embed"]["embedding"]
-    f = fwd_bwd(lambda h: jax.nn.log_softmax(h @ embed.T, axis=-1)[..., 0])
-    pieces["answer logits + log_softmax"] = (lambda: f(h)[0].block_until_ready(), 1)
+    f = fwd_bwd(lambda h, e: jax.nn.log_softmax(h @ e.T, axis=-1)[..., 0])
+    pieces["answer logits + log_softmax"] = (lambda: f(h, embed)[0].block_until_ready(), 1)
 
     for fn, _ in pieces.values():
         fn()  # compile

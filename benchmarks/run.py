@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 from _common import (  # noqa: E402
     gflops,
     interleaved,
@@ -41,6 +40,7 @@ from _common import (  # noqa: E402
     timed,
     train_flops,
 )
+
 from spot import backbones  # noqa: E402
 from spot.backbones import llama  # noqa: E402
 from spot.batching import encode, eval_batches, make_batch, train_rows  # noqa: E402
@@ -244,14 +244,14 @@ def first_call_seconds(fn_per_batch, batches) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--train-batches", type=int, default=6)
-    parser.add_argument("--score-batches", type=int, default=8)
+    parser.add_argument("--train-batches", type=int, default=4)
+    parser.add_argument("--score-batches", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="3 rounds, 3+4 batches, no file")
     parser.add_argument("--ablations", action="store_true", help="time each fast-path option off")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.train_batches, args.score_batches = 3, 3, 4
+        args.rounds, args.train_batches, args.score_batches = 3, 2, 3
     command = "  ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]]).strip()
     import torch
 
@@ -278,7 +278,6 @@ def main() -> None:
                "score": [b["tokens"].shape[1] for b in score_batches]}
     print("context lengths (bucketed)", lengths, flush=True)
 
-    report: list[str] = []
     peak = matmul_peak(args.rounds)
     print("peak", peak, flush=True)
 

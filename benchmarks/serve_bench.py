@@ -106,7 +106,9 @@ def throughput(args, backbone, library) -> dict:
         examples = subset(get_task(name).load("test"), args.per_task, seed=args.seed)
         stream += [Request(e.text, task=name) for e in examples]
     stream = [stream[i] for i in rng.permutation(len(stream))]
-    windows = [list(enumerate(stream))[s : s + args.window] for s in range(0, len(stream), args.window)]
+    windows = [
+        list(enumerate(stream))[s : s + args.window] for s in range(0, len(stream), args.window)
+    ]
     options = dict(batch_size=args.batch_size, bucket=args.bucket, max_length=args.max_length)
     predictors = {
         "mixed": Predictor(backbone, library, **options),
@@ -142,21 +144,30 @@ def throughput(args, backbone, library) -> dict:
             window_seconds[name].append(time.perf_counter() - started)
         wall = sum(window_seconds[name])
         results[name] = {
-            "windows": len(timed_windows[name]), "requests": served, "seconds": round(wall, 2),
-            "requests_per_s": served / wall, "batches": predictor.stats["batches"],
+            "windows": len(timed_windows[name]),
+            "requests": served,
+            "seconds": round(wall, 2),
+            "requests_per_s": served / wall,
+            "batches": predictor.stats["batches"],
             "padded_rows": predictor.stats["padded_rows"],
-            "mean_latency_s": float(np.mean(latencies)), "p95_latency_s": float(np.percentile(latencies, 95)),
+            "mean_latency_s": float(np.mean(latencies)),
+            "p95_latency_s": float(np.percentile(latencies, 95)),
         }
-        print(f"{name:>15}: {served} requests ({len(timed_windows[name])} windows) in {wall:7.1f}s = "
-              f"{served / wall:6.2f} req/s, {predictor.stats['batches']} batches "
-              f"({predictor.stats['padded_rows']} padding rows), latency mean {np.mean(latencies):.2f}s "
-              f"p95 {np.percentile(latencies, 95):.2f}s", flush=True)
+        print(
+            f"{name:>15}: {served} requests ({len(timed_windows[name])} windows) in {wall:7.1f}s = "
+            f"{served / wall:6.2f} req/s, {predictor.stats['batches']} batches "
+            f"({predictor.stats['padded_rows']} padding rows), latency mean {np.mean(latencies):.2f}s "
+            f"p95 {np.percentile(latencies, 95):.2f}s",
+            flush=True,
+        )
     disagreements, max_diff = 0, 0.0
     for by_strategy in answers.values():
         reference = by_strategy["mixed"]
         for other in by_strategy.values():
             disagreements += other.index != reference.index
-            max_diff = max(max_diff, float(np.max(np.abs(np.subtract(other.scores, reference.scores)))))
+            max_diff = max(
+                max_diff, float(np.max(np.abs(np.subtract(other.scores, reference.scores))))
+            )
     # throughput ratio on the same windows: (mixed's requests/s) / (other's requests/s)
     ratios = {}
     for name, seconds in window_seconds.items():
@@ -165,8 +176,14 @@ def throughput(args, backbone, library) -> dict:
     for name, ratio in ratios.items():
         print(f"throughput ratio {name}: {ratio:.2f}x")
     print(f"strategies disagree on {disagreements} predictions; max |score diff| {max_diff:.2e}")
-    return {"strategies": results, "ratios": ratios, "warmup_s": warmup, "shapes": len(shapes),
-            "disagreements": disagreements, "max_score_diff": max_diff}
+    return {
+        "strategies": results,
+        "ratios": ratios,
+        "warmup_s": warmup,
+        "shapes": len(shapes),
+        "disagreements": disagreements,
+        "max_score_diff": max_diff,
+    }
 
 
 def ensemble(args, backbone, library, workdir: Path) -> dict:
@@ -175,28 +192,49 @@ def ensemble(args, backbone, library, workdir: Path) -> dict:
     task = get_task(args.ensemble_task)
     ids, started = [], time.perf_counter()
     for seed in range(args.ensemble_size):
-        config = TrainConfig(task=task.name, backbone=backbone.name, prompt_length=args.ensemble_length,
-                             steps=args.steps, key_step=max(1, args.steps // 3),
-                             eval_every=max(1, args.steps // 2), eval_examples=args.eval_examples,
-                             max_length=args.ensemble_max_length, seed=seed)
+        config = TrainConfig(
+            task=task.name,
+            backbone=backbone.name,
+            prompt_length=args.ensemble_length,
+            steps=args.steps,
+            key_step=max(1, args.steps // 3),
+            eval_every=max(1, args.steps // 2),
+            eval_examples=args.eval_examples,
+            max_length=args.ensemble_max_length,
+            seed=seed,
+        )
         result = train(backbone, task, config, workdir / f"{task.name}-{seed}", show_progress=False)
-        published = library.publish(workdir / f"{task.name}-{seed}" / "key.safetensors",
-                                    workdir / f"{task.name}-{seed}" / "value.safetensors")
+        published = library.publish(
+            workdir / f"{task.name}-{seed}" / "key.safetensors",
+            workdir / f"{task.name}-{seed}" / "value.safetensors",
+        )
         ids.append(published.value)
-        print(f"trained {task.name} seed {seed}: best validation {result.metric} "
-              f"{result.value_score:.1f} at step {result.value_step} "
-              f"({time.perf_counter() - started:.0f}s so far)", flush=True)
-    predictor = Predictor(backbone, library, batch_size=args.batch_size, bucket=args.bucket,
-                          max_length=args.ensemble_max_length)
+        print(
+            f"trained {task.name} seed {seed}: best validation {result.metric} "
+            f"{result.value_score:.1f} at step {result.value_step} "
+            f"({time.perf_counter() - started:.0f}s so far)",
+            flush=True,
+        )
+    predictor = Predictor(
+        backbone,
+        library,
+        batch_size=args.batch_size,
+        bucket=args.bucket,
+        max_length=args.ensemble_max_length,
+    )
     started = time.perf_counter()
-    report = ensemble_report(predictor, task, ids, split="test", limit=args.ensemble_examples, seed=args.seed)
+    report = ensemble_report(
+        predictor, task, ids, split="test", limit=args.ensemble_examples, seed=args.seed
+    )
     print(report.render())
     print(f"ensemble evaluation: {time.perf_counter() - started:.0f}s", flush=True)
     return {**report.to_dict(), "prompt_ids": ids, "steps": args.steps}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--per-task", type=int, default=64)
     parser.add_argument("--window", type=int, default=16, help="latency budget, in arrivals")
@@ -204,8 +242,12 @@ def main() -> None:
     parser.add_argument("--bucket", type=int, default=32, help="context length bucket (tokens)")
     parser.add_argument("--max-length", type=int, default=64, help="context tokens kept")
     parser.add_argument("--prompt-length", type=int, default=20)
-    parser.add_argument("--sample-windows", type=int, default=4,
-                        help="windows timed for the slow per-task-fixed and single strategies")
+    parser.add_argument(
+        "--sample-windows",
+        type=int,
+        default=4,
+        help="windows timed for the slow per-task-fixed and single strategies",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--no-ensemble", action="store_true")
@@ -226,8 +268,11 @@ def main() -> None:
         library = Library(Path(tmp) / "library")
         for i, name in enumerate(args.tasks):  # stand-in prompts: sampled-vocabulary inits
             meta = {"task": name, "backbone": backbone.identity, "init": "sampled_vocab", "seed": i}
-            library.publish(sampled_vocab(backbone, args.prompt_length, 1000 + i),
-                            sampled_vocab(backbone, args.prompt_length, i), meta)
+            library.publish(
+                sampled_vocab(backbone, args.prompt_length, 1000 + i),
+                sampled_vocab(backbone, args.prompt_length, i),
+                meta,
+            )
         if not args.no_throughput:
             out["throughput"] = throughput(args, backbone, library)
         if not args.no_ensemble:

@@ -59,8 +59,10 @@ def _token_strings(backbone: Backbone, ids: np.ndarray) -> list[tuple[str, str]]
     tokenizer = backbone.tokenizer
     if tokenizer is None:
         return [("", "") for _ in ids]
-    return [(tokenizer.id_to_token(int(i)) or "", tokenizer.decode([int(i)], skip_special_tokens=False))
-            for i in ids]
+    return [
+        (tokenizer.id_to_token(int(i)) or "", tokenizer.decode([int(i)], skip_special_tokens=False))
+        for i in ids
+    ]
 
 
 def inspect_prompt(backbone: Backbone, prompt_array: Any, k: int = 5) -> PromptInspection:
@@ -86,23 +88,44 @@ def inspect_prompt(backbone: Backbone, prompt_array: Any, k: int = 5) -> PromptI
         # stable sort on -cosine: equal similarities keep the lower token id first
         top = np.argsort(-row, kind="stable")[:k]
         strings = _token_strings(backbone, top)
-        neighbours = tuple(Neighbour(int(t), tok, text, float(row[t]))
-                           for t, (tok, text) in zip(top, strings, strict=True))
-        tokens.append(TokenInspection(position, float(norms[position]),
-                                      float(norms[position] / max(mean_norm, _EPS)), neighbours))
-    return PromptInspection(backbone.identity, prompt.shape[0], table.shape[0], mean_norm,
-                            float(vocab_norms.std()), tuple(tokens))
+        neighbours = tuple(
+            Neighbour(int(t), tok, text, float(row[t]))
+            for t, (tok, text) in zip(top, strings, strict=True)
+        )
+        tokens.append(
+            TokenInspection(
+                position,
+                float(norms[position]),
+                float(norms[position] / max(mean_norm, _EPS)),
+                neighbours,
+            )
+        )
+    return PromptInspection(
+        backbone.identity,
+        prompt.shape[0],
+        table.shape[0],
+        mean_norm,
+        float(vocab_norms.std()),
+        tuple(tokens),
+    )
 
 
 def render(result: PromptInspection, fmt: str = "text") -> Any:
     """`"text"`: a plain-text table (str); `"rich"`: a `rich.table.Table` to print with rich."""
-    title = (f"prompt of {result.length} tokens on {result.backbone}: vocabulary mean norm "
-             f"{result.vocab_mean_norm:.3f} (std {result.vocab_std_norm:.3f}), "
-             f"prompt mean norm {result.mean_norm:.3f}")
-    header = ["pos", "norm", "x vocab"] + [f"nn{i + 1} (cos)" for i in range(
-        max((len(t.neighbours) for t in result.tokens), default=0))]
-    rows = [[str(t.position), f"{t.norm:.3f}", f"{t.norm_ratio:.2f}"]
-            + [f"{n.text!r} {n.cosine:.3f}" for n in t.neighbours] for t in result.tokens]
+    title = (
+        f"prompt of {result.length} tokens on {result.backbone}: vocabulary mean norm "
+        f"{result.vocab_mean_norm:.3f} (std {result.vocab_std_norm:.3f}), "
+        f"prompt mean norm {result.mean_norm:.3f}"
+    )
+    header = ["pos", "norm", "x vocab"] + [
+        f"nn{i + 1} (cos)"
+        for i in range(max((len(t.neighbours) for t in result.tokens), default=0))
+    ]
+    rows = [
+        [str(t.position), f"{t.norm:.3f}", f"{t.norm_ratio:.2f}"]
+        + [f"{n.text!r} {n.cosine:.3f}" for n in t.neighbours]
+        for t in result.tokens
+    ]
     if fmt == "rich":
         from rich.table import Table
 

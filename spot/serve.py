@@ -52,6 +52,7 @@ __all__ = [
     "PromptNotFound",
     "Request",
     "ServeError",
+    "combine",
     "ensemble_report",
 ]
 
@@ -192,7 +193,9 @@ class Predictor:
         self.max_length = max_length
         self.max_answer = max_answer
         self.cache_size = cache_size
-        self._explicit = {task: self._explicit_prompt(task, p) for task, p in (prompts or {}).items()}
+        self._explicit = {
+            task: self._explicit_prompt(task, p) for task, p in (prompts or {}).items()
+        }
         self._cache: OrderedDict[str, _Prompt] = OrderedDict()
         self._choices: dict[str, tuple[str, ...] | None] = {}
         self._answer_ids: dict[str, list[int]] = {}
@@ -262,10 +265,15 @@ class Predictor:
             raise PromptNotFound(f"no prompt for task {task!r}: no explicit prompt and no library")
         best, best_rank, offset = None, None, 0
         while True:
-            page = self.library.list(task=task, backbone=self.backbone.identity, role="value",
-                                     limit=1000, offset=offset)
+            page = self.library.list(
+                task=task, backbone=self.backbone.identity, role="value", limit=1000, offset=offset
+            )
             for entry in page:
-                score = entry.score if entry.score is not None and math.isfinite(entry.score) else -math.inf
+                score = (
+                    entry.score
+                    if entry.score is not None and math.isfinite(entry.score)
+                    else -math.inf
+                )
                 rank = (score, entry.created)
                 if best_rank is None or rank > best_rank:
                     best, best_rank = entry.id, rank
@@ -301,7 +309,9 @@ class Predictor:
             self._choices[task] = found.pop() if len(found) == 1 else None
         choices = self._choices[task]
         if choices is None:
-            raise ServeError(f"task {task!r} has per-example choices: send `choices` with the request")
+            raise ServeError(
+                f"task {task!r} has per-example choices: send `choices` with the request"
+            )
         return choices
 
     def _answers(self, choices: Sequence[str]) -> list[list[int]]:
@@ -349,7 +359,9 @@ class Predictor:
         """Rows of a batch holding n requests (a power of two: few shapes compile)."""
         return _row_bucket(n, self.batch_size)
 
-    def _make_batch(self, chunk: Sequence[_Row], k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _make_batch(
+        self, chunk: Sequence[_Row], k: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Per-row prompts [B, L, d] and a left-padded batch (see spot.backbones.base)."""
         size = self._rows_for(len(chunk))
         c = max(len(r.answers) for r in chunk)
@@ -371,8 +383,13 @@ class Predictor:
                 choice_mask[i, j, : len(answer)] = 1
             prompt[i] = row.prompt
         prompt[len(chunk) :] = chunk[0].prompt  # padding rows (fully masked): any valid prompt
-        batch = {"tokens": tokens, "mask": mask, "choices": choices,
-                 "choice_mask": choice_mask, "labels": np.zeros(size, np.int32)}
+        batch = {
+            "tokens": tokens,
+            "mask": mask,
+            "choices": choices,
+            "choice_mask": choice_mask,
+            "labels": np.zeros(size, np.int32),
+        }
         return prompt, batch
 
     def _run(self, prompt: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -409,14 +426,26 @@ class Predictor:
             else:
                 choice_sets.append(self.task_choices(prompt.task))
         contexts = self._contexts([r.text for r in requests])
-        rows = [_Row(p.array, ctx, self._answers(ch))
-                for p, ctx, ch in zip(resolved, contexts, choice_sets, strict=True)]
+        rows = [
+            _Row(p.array, ctx, self._answers(ch))
+            for p, ctx, ch in zip(resolved, contexts, choice_sets, strict=True)
+        ]
         scores = self._score_rows(rows)
         predictions = []
-        for request, prompt, choices, s in zip(requests, resolved, choice_sets, scores, strict=True):
+        for request, prompt, choices, s in zip(
+            requests, resolved, choice_sets, scores, strict=True
+        ):
             index = int(np.argmax(s))
-            predictions.append(Prediction(choices[index], index, tuple(float(v) for v in s),
-                                          choices, prompt.key, prompt.task or request.task))
+            predictions.append(
+                Prediction(
+                    choices[index],
+                    index,
+                    tuple(float(v) for v in s),
+                    choices,
+                    prompt.key,
+                    prompt.task or request.task,
+                )
+            )
         return predictions
 
     def _prompt_array(self, prompt: Any) -> np.ndarray:
@@ -439,22 +468,35 @@ class Predictor:
         if len(n_choices) > 1:
             raise ServeError(f"examples disagree on the number of choices: {sorted(n_choices)}")
         contexts = self._contexts([e.text for e in examples])
-        rows = [_Row(a, ctx, self._answers(e.choices))
-                for e, ctx in zip(examples, contexts, strict=True) for a in arrays]
+        rows = [
+            _Row(a, ctx, self._answers(e.choices))
+            for e, ctx in zip(examples, contexts, strict=True)
+            for a in arrays
+        ]
         scores = self._score_rows(rows)
         return np.asarray(scores, np.float32).reshape(len(examples), len(arrays), -1)
 
-    def predict_ensemble(self, examples: Sequence[Any], prompts: Sequence[Any]) -> list[EnsemblePrediction]:
+    def predict_ensemble(
+        self, examples: Sequence[Any], prompts: Sequence[Any]
+    ) -> list[EnsemblePrediction]:
         """Majority vote and mean log-likelihood of N prompts on each example."""
         scores = self.ensemble_scores(examples, prompts)
         out = []
         for example, s in zip(examples, scores, strict=True):
             vote, mean_index, votes, mean = combine(s)
             choices = tuple(example.choices)
-            out.append(EnsemblePrediction(
-                vote, choices[vote], mean_index, choices[mean_index], tuple(int(v) for v in votes),
-                tuple(float(m) for m in mean), tuple(int(i) for i in s.argmax(axis=1)), choices,
-            ))
+            out.append(
+                EnsemblePrediction(
+                    vote,
+                    choices[vote],
+                    mean_index,
+                    choices[mean_index],
+                    tuple(int(v) for v in votes),
+                    tuple(float(m) for m in mean),
+                    tuple(int(i) for i in s.argmax(axis=1)),
+                    choices,
+                )
+            )
         return out
 
 
@@ -496,7 +538,12 @@ class EnsembleReport:
         return float(np.std(self.single))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "best": self.best, "average": self.average, "std": self.std}
+        return {
+            **dataclasses.asdict(self),
+            "best": self.best,
+            "average": self.average,
+            "std": self.std,
+        }
 
     def render(self) -> str:
         lines = [
@@ -512,8 +559,12 @@ class EnsembleReport:
 
 
 def ensemble_report(
-    predictor: Predictor, task: Any, prompts: Sequence[Any], split: str = "test",
-    limit: int | None = None, seed: int = 0,
+    predictor: Predictor,
+    task: Any,
+    prompts: Sequence[Any],
+    split: str = "test",
+    limit: int | None = None,
+    seed: int = 0,
 ) -> EnsembleReport:
     """Score each prompt alone, their majority vote and their mean log-likelihood on `split`.
 
@@ -526,8 +577,9 @@ def ensemble_report(
     scores = predictor.ensemble_scores(examples, prompts)  # [n, N, c]
     labels = np.asarray([e.label for e in examples])
     metric = task.metrics[0]
-    single = tuple(task.evaluate(scores[:, j].argmax(axis=1), labels)[metric]
-                   for j in range(scores.shape[1]))
+    single = tuple(
+        task.evaluate(scores[:, j].argmax(axis=1), labels)[metric] for j in range(scores.shape[1])
+    )
     combined = [combine(s) for s in scores]
     vote = task.evaluate([c[0] for c in combined], labels)[metric]
     mean = task.evaluate([c[1] for c in combined], labels)[metric]

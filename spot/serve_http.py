@@ -35,9 +35,13 @@ MAX_CHOICES = 64
 class PredictItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt_id: str | None = Field(None, min_length=1, max_length=128, description="library entry id")
+    prompt_id: str | None = Field(
+        None, min_length=1, max_length=128, description="library entry id"
+    )
     task: str | None = Field(None, min_length=1, max_length=128, description="registered task name")
-    text: str = Field(min_length=1, max_length=MAX_TEXT, description="input formatted like the task's examples")
+    text: str = Field(
+        min_length=1, max_length=MAX_TEXT, description="input formatted like the task's examples"
+    )
     choices: list[str] | None = Field(
         None, min_length=2, max_length=MAX_CHOICES, description="default: the task's verbaliser"
     )
@@ -77,7 +81,11 @@ def _status(error: ServeError) -> int:
 
 
 def prediction_out(prediction: Prediction) -> dict[str, Any]:
-    return {**prediction.to_dict(), "scores": list(prediction.scores), "choices": list(prediction.choices)}
+    return {
+        **prediction.to_dict(),
+        "scores": list(prediction.scores),
+        "choices": list(prediction.choices),
+    }
 
 
 def add_predict_route(app: FastAPI, predictor: Predictor, path: str = "/v1/predict") -> FastAPI:
@@ -86,8 +94,12 @@ def add_predict_route(app: FastAPI, predictor: Predictor, path: str = "/v1/predi
     async def predict(body: PredictIn) -> Any:
         try:
             requests = [
-                Request(item.text, item.prompt_id, item.task,
-                        None if item.choices is None else tuple(item.choices))
+                Request(
+                    item.text,
+                    item.prompt_id,
+                    item.task,
+                    None if item.choices is None else tuple(item.choices),
+                )
                 for item in body.requests
             ]
             # the forward passes block: keep them off the event loop
@@ -97,10 +109,19 @@ def add_predict_route(app: FastAPI, predictor: Predictor, path: str = "/v1/predi
         return PredictOut(predictions=[PredictionOut(**prediction_out(p)) for p in predictions])
 
     app.add_api_route(
-        path, predict, methods=["POST"], response_model=PredictOut, tags=["predict"],
+        path,
+        predict,
+        methods=["POST"],
+        response_model=PredictOut,
+        tags=["predict"],
         summary="Classify a batch of inputs, each with its own prompt or task",
-        responses={status: {"description": text} for status, text in (
-            (400, "Request the predictor cannot serve"), (404, "Unknown prompt id or task"),
-            (409, "Prompt trained on another backbone"))},
+        responses={
+            status: {"description": text}
+            for status, text in (
+                (400, "Request the predictor cannot serve"),
+                (404, "Unknown prompt id or task"),
+                (409, "Prompt trained on another backbone"),
+            )
+        },
     )
     return app

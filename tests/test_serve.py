@@ -30,10 +30,14 @@ WORDS = ["film", "a plot", "it was", "bad", "fun", "so dull", "fine", "ok"]  # c
 
 def _task(name: str, choices: tuple[str, ...], template: str) -> Task:
     rng = np.random.default_rng(len(name))
-    rows = [Example(template.format(w=WORDS[i]), choices, int(rng.integers(len(choices))))
-            for i in range(len(WORDS))]
+    rows = [
+        Example(template.format(w=WORDS[i]), choices, int(rng.integers(len(choices))))
+        for i in range(len(WORDS))
+    ]
     splits = {"train": rows, "validation": rows, "test": rows}
-    return register_task(Task(name, "user", len(choices), ("accuracy",), lambda: splits), replace=True)
+    return register_task(
+        Task(name, "user", len(choices), ("accuracy",), lambda: splits), replace=True
+    )
 
 
 # single-byte choices take the backbone's one-pass path (k == 1) and share a group whatever
@@ -50,8 +54,10 @@ TASKS = {
 def setup(tiny_llama):
     rng = np.random.default_rng(0)
     tasks = {name: _task(name, choices, template) for name, (choices, template, _) in TASKS.items()}
-    prompts = {name: rng.normal(0, 0.5, (length, tiny_llama.d_model)).astype(np.float32)
-               for name, (_, _, length) in TASKS.items()}
+    prompts = {
+        name: rng.normal(0, 0.5, (length, tiny_llama.d_model)).astype(np.float32)
+        for name, (_, _, length) in TASKS.items()
+    }
     return tiny_llama, tasks, prompts
 
 
@@ -71,10 +77,16 @@ def test_mixed_batch_equals_each_task_alone(setup):
     predictions = predictor.predict([r for _, _, r in mixed])
     mixed_batches = predictor.stats["batches"]
     # reference: the evaluation path, one task and one shared [L, d] prompt at a time
-    reference = {name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")), 8)
-                 for name, task in tasks.items()}
-    alone = {name: Predictor(backbone, prompts=prompts, batch_size=8).predict(
-        [r for n, _, r in mixed if n == name]) for name in tasks}
+    reference = {
+        name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")), 8)
+        for name, task in tasks.items()
+    }
+    alone = {
+        name: Predictor(backbone, prompts=prompts, batch_size=8).predict(
+            [r for n, _, r in mixed if n == name]
+        )
+        for name in tasks
+    }
     for (name, i, _request), prediction in zip(mixed, predictions, strict=True):
         np.testing.assert_allclose(prediction.scores, reference[name][i], atol=1e-5, rtol=0)
         np.testing.assert_allclose(prediction.scores, alone[name][i].scores, atol=1e-5, rtol=0)
@@ -147,7 +159,9 @@ def test_request_validation(setup):
     with pytest.raises(ServeError):
         Request("text", task="serve_multi", choices=(" a", " a"))
     # explicit choices override the task's verbaliser
-    predictions = predictor.predict([Request(w, task="serve_multi", choices=(" x", " yy")) for w in WORDS])
+    predictions = predictor.predict(
+        [Request(w, task="serve_multi", choices=(" x", " yy")) for w in WORDS]
+    )
     assert all(p.choices == (" x", " yy") and len(p.scores) == 2 for p in predictions)
     assert predictor.predict([]) == []
 
@@ -182,10 +196,14 @@ def test_ensemble_matches_single_prompts(setup):
     report = ensemble_report(predictor, task, members, split="test")
     assert report.n_examples == len(examples) and report.metric == "accuracy"
     for j, prompt in enumerate(members):
-        assert report.single[j] == pytest.approx(evaluate(backbone, prompt, task, "test", batch_size=8)["accuracy"])
+        assert report.single[j] == pytest.approx(
+            evaluate(backbone, prompt, task, "test", batch_size=8)["accuracy"]
+        )
     labels = np.array([e.label for e in examples])
     assert report.vote == pytest.approx(100 * np.mean([p.index for p in ensemble] == labels))
-    assert report.mean_logprob == pytest.approx(100 * np.mean([p.mean_index for p in ensemble] == labels))
+    assert report.mean_logprob == pytest.approx(
+        100 * np.mean([p.mean_index for p in ensemble] == labels)
+    )
     assert report.best == max(report.single)
     assert "majority vote" in report.render()
 
@@ -220,39 +238,67 @@ def test_predict_route(setup, tmp_path):
     backbone, tasks, prompts = setup
     library = Library(tmp_path / "lib")
     value = prompts["serve_multi"] * 0.5
-    entry = library.publish(value * 3, value, {"task": "serve_multi", "backbone": backbone.identity}).value
-    other = library.publish(value * 3, value, {"task": "serve_multi", "backbone": "llama-x-y"}).value
+    entry = library.publish(
+        value * 3, value, {"task": "serve_multi", "backbone": backbone.identity}
+    ).value
+    other = library.publish(
+        value * 3, value, {"task": "serve_multi", "backbone": "llama-x-y"}
+    ).value
     predictor = Predictor(backbone, library, prompts=prompts, batch_size=8)
     # 8 rows of each kind: the shapes compiled by the tests above are reused
-    items = [item for w in WORDS for item in (
-        {"task": "serve_k1_three", "text": f"R: {w}\nL:"},
-        {"prompt_id": entry, "text": f"{w}\nOK?"},
-        {"task": "serve_short_prompt", "text": f"S: {w} ->", "choices": [" q", " r"]},
-    )]
-    expected = predictor.predict([Request(i["text"], i.get("prompt_id"), i.get("task"),
-                                          tuple(i["choices"]) if "choices" in i else None)
-                                  for i in items])
+    items = [
+        item
+        for w in WORDS
+        for item in (
+            {"task": "serve_k1_three", "text": f"R: {w}\nL:"},
+            {"prompt_id": entry, "text": f"{w}\nOK?"},
+            {"task": "serve_short_prompt", "text": f"S: {w} ->", "choices": [" q", " r"]},
+        )
+    ]
+    expected = predictor.predict(
+        [
+            Request(
+                i["text"],
+                i.get("prompt_id"),
+                i.get("task"),
+                tuple(i["choices"]) if "choices" in i else None,
+            )
+            for i in items
+        ]
+    )
     with TestClient(add_predict_route(FastAPI(), predictor)) as client:
         response = client.post("/v1/predict", json={"requests": items})
         assert response.status_code == 200, response.text
         got = response.json()["predictions"]
         assert [p["label"] for p in got] == [p.label for p in expected]
         assert [p["index"] for p in got] == [p.index for p in expected]
-        np.testing.assert_allclose([s for p in got for s in p["scores"]],
-                                   [s for p in expected for s in p.scores], atol=1e-6)
+        np.testing.assert_allclose(
+            [s for p in got for s in p["scores"]],
+            [s for p in expected for s in p.scores],
+            atol=1e-6,
+        )
         assert got[1]["prompt_id"] == entry and got[1]["task"] == "serve_multi"
         assert got[2]["choices"] == [" q", " r"] and got[0]["prompt_id"] == "task:serve_k1_three"
 
         def post(body):
             return client.post("/v1/predict", json=body)
 
-        for bad in ({"requests": []}, {"requests": [{"text": "x"}]}, {"items": []},
-                    {"requests": [{"task": "a", "prompt_id": "b", "text": "x"}]},
-                    {"requests": [{"task": "a", "text": ""}]}, [1, 2]):
+        for bad in (
+            {"requests": []},
+            {"requests": [{"text": "x"}]},
+            {"items": []},
+            {"requests": [{"task": "a", "prompt_id": "b", "text": "x"}]},
+            {"requests": [{"task": "a", "text": ""}]},
+            [1, 2],
+        ):
             response = post(bad)
             assert response.status_code == 422, (bad, response.text)
-        assert client.post("/v1/predict", content=b"{not json",
-                           headers={"content-type": "application/json"}).status_code == 422
+        assert (
+            client.post(
+                "/v1/predict", content=b"{not json", headers={"content-type": "application/json"}
+            ).status_code
+            == 422
+        )
         response = post({"requests": [{"prompt_id": "f" * 16, "text": "x"}]})
         assert response.status_code == 404 and "no library entry" in response.json()["error"]
         response = post({"requests": [{"prompt_id": other, "text": "x"}]})
