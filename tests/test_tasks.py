@@ -111,9 +111,9 @@ def test_split_sizes_follow_the_documented_rule(name, sizes):
 
 def test_templates_and_verbalisers():
     sst2 = load_or_skip("sst2")["test"][0]
-    assert (
-        sst2.text
-        == "Review: it 's a charming and often affecting journey .\nSentiment:"
+    assert sst2.text == (
+        "Sentence: it 's a charming and often affecting journey .\n"
+        "The sentiment of the sentence is"
     )
     assert (sst2.choices, sst2.label) == ((" negative", " positive"), 1)
     copa = load_or_skip("copa")["test"][0]

@@ -192,9 +192,11 @@ def _prefixed_hidden(
 #   as a one-row prefix stream whose keys/values every row attends to: batch x L fewer
 #   token-columns of work, exact up to float reassociation. Per-row prompts [B, L, d] stay in
 #   the rows.
-# * Pruned last layer: only the columns whose logits are read get queries, the output
-#   projection and the MLP in the last layer; the prefix stream skips it.
-# * Fused projections: one matmul for q|k|v and one for gate|up (kernels concatenated per layer
+# * The stacked weights are the layer scan's xs, so the backward pass reads them in place (indexing
+#   them out of a closed-over constant made autodiff save a stacked copy of every layer's weights).
+# * Optional, off by default (no measurable gain, see benchmarks/README.md): `prune_last` runs the
+#   last layer's query/output/MLP only at the columns whose logits are read (costs a slice copy of
+#   the weights); `fuse` does q|k|v and gate|up as one matmul each (kernels concatenated per layer
 #   inside the step; the stored tree is unchanged).
 # Only the prompt is differentiated (the trainer takes grad w.r.t. argnums=1), so no weight
 # gradients exist in the step (tests/test_fast_paths.py checks the HLO).
@@ -204,8 +206,8 @@ def _prefixed_hidden(
 @dataclasses.dataclass(frozen=True)
 class _FastOptions:
     share_prefix: bool = True  # run [BOS] + a shared prompt once, not once per row
-    prune_last: bool = True  # last layer only at the columns whose logits are read
-    fuse: bool = True  # one matmul for q|k|v and one for gate|up
+    prune_last: bool = False  # last layer only at the read columns (costs a weight copy)
+    fuse: bool = False  # one matmul for q|k|v and one for gate|up (no measurable gain: off)
     unroll: int | bool = 1  # lax.scan unroll factor over layers (True: fully unrolled)
 
 
@@ -353,13 +355,14 @@ def _fast_hidden(
     lo, hi = (0, t) if cols is None else cols
     lo, hi = lo + tx - t, hi + tx - t  # token columns -> row columns (per-row prompts first)
     layers = params["layers"]
-    n_scan = cfg.num_layers - 1 if opts.prune_last else cfg.num_layers
+    # the stacked weights are the scan's xs (not indexed out of a closed-over constant): then the
+    # backward pass reads them in place instead of saving a stacked copy of every layer's weights
+    xs = jax.tree_util.tree_map(lambda a: a[:-1], layers) if opts.prune_last else layers
 
-    def body(carry, i):
-        w = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), layers)
+    def body(carry, w):
         return _layer(cfg, opts.fuse, w, *carry, tables, biases), None
 
-    (prefix, x), _ = jax.lax.scan(body, (prefix, x), jnp.arange(n_scan), unroll=opts.unroll)
+    (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
     if opts.prune_last:
         w = jax.tree_util.tree_map(lambda a: a[-1], layers)
         _, x = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, cols=(lo, hi))
