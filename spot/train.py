@@ -215,6 +215,9 @@ def train(
     started, seen = time.perf_counter(), 0
     with progress_bar(f"train {task.name}", total=config.steps, completed=step,
                       enabled=show_progress) as bar:
+        if history:  # resumed: show the last logged numbers until new ones arrive
+            last = history[-1]
+            bar.update(step, loss=last["loss"], score=last[metric], rate=last["examples_per_s"])
         while step < config.steps:
             if stop_after is not None and seen >= stop_after * config.batch_size:
                 break

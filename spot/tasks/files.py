@@ -16,6 +16,7 @@ log = logging.getLogger("spot.tasks")
 
 # Errors a row converter raises on a malformed row (TaskError is a ValueError).
 ROW_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError)
+_warned: set[tuple[Path, int]] = set()  # (file, mtime): each file's drops are logged once
 
 
 def data_root() -> Path:
@@ -53,7 +54,7 @@ def read_rows(
     """convert(line) for each line (the header skipped); malformed rows dropped and counted.
 
     A row is malformed when convert raises one of ROW_ERRORS; the count and the first
-    reasons are logged as a warning on the "spot.tasks" logger.
+    reasons are logged as a warning on the "spot.tasks" logger, once per file version.
     """
     lines = path.read_text(encoding=encoding).split("\n")
     if lines and lines[-1] == "":
@@ -66,7 +67,9 @@ def read_rows(
             rows.append(convert(line.rstrip("\r")))
         except ROW_ERRORS as error:
             dropped.append(f"line {number}: {type(error).__name__}: {error}")
-    if dropped:
+    seen = (path.resolve(), path.stat().st_mtime_ns)
+    if dropped and seen not in _warned:
+        _warned.add(seen)
         log.warning(
             "%s: dropped %d malformed row(s) of %d: %s",
             path,
