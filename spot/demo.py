@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--template", default="{text}\nAnswer:")
     parser.add_argument("--library", type=Path, default=DEFAULT_LIBRARY)
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--key-step", type=int, default=8)
     parser.add_argument("--test-examples", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"default library {args.library}: {library.count(backbone=model.identity)} "
                   f"prompts for this backbone")
     config = TrainConfig(task=target.name, steps=args.steps, key_step=args.key_step,
-                         eval_every=args.steps, eval_examples=100, batch_size=8, prompt_length=20)
+                         eval_every=args.steps, eval_examples=64, batch_size=8, prompt_length=20)
     out = args.out / target.name
     console.print(f"[bold]1/3[/bold] query prompt: {args.key_step} steps on {target.name}")
     query = query_prompt(model, target, config, out / "query")
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     results.add_row(target.name, f"SPoT weighted top-{args.k}", f"{score:.2f}",
                     f"{relative_error_reduction(base_score, score):+.3f}")
     console.print(results)
+    n_test = min(args.test_examples, len(target.load("test")))
     console.print(f"budget: {args.steps} steps x 8 examples per run; test rows: "
-                  f"{args.test_examples} (fixed sample); runs under {out}")
+                  f"{n_test} (fixed sample); runs under {out}")
     if (STUDY / "results.jsonl").is_file():
         from spot.figures import write_figures
 

@@ -191,7 +191,7 @@ def test_concurrent_publishers_and_queries(server: Server, tmp_path: Path) -> No
         rng = np.random.default_rng(seed)
         try:
             with RetrievalClient(server.url, TOKEN) as client:
-                for i in range(25):
+                for i in range(50):
                     client.publish(
                         prompt(rng), prompt(rng), {"task": f"p{seed}-{i}", "backbone": "bb"}
                     )
@@ -210,7 +210,7 @@ def test_concurrent_publishers_and_queries(server: Server, tmp_path: Path) -> No
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    publishers = [threading.Thread(target=publisher, args=(seed,)) for seed in range(6)]
+    publishers = [threading.Thread(target=publisher, args=(seed,)) for seed in range(8)]
     queriers = [threading.Thread(target=querier, args=(seed,)) for seed in range(2)]
     for thread in publishers + queriers:
         thread.start()
@@ -221,9 +221,9 @@ def test_concurrent_publishers_and_queries(server: Server, tmp_path: Path) -> No
         thread.join(60)
     assert errors == [] and queries[0] > 0
     with RetrievalClient(server.url) as client:
-        assert client.count(role="key") == 150 and client.count() == 300
-        assert len(client.query(prompt(np.random.default_rng(7)), "bb", "mean", k=1000)) == 150
-    assert_library_consistent(tmp_path / "lib", 150)
+        assert client.count(role="key") == 400 and client.count() == 800
+        assert len(client.query(prompt(np.random.default_rng(7)), "bb", "mean", k=1000)) == 400
+    assert_library_consistent(tmp_path / "lib", 400)
 
 
 def test_sigkill_during_publish_burst(tmp_path: Path) -> None:
@@ -519,7 +519,7 @@ def test_schemathesis_fuzzing(server: Server, tmp_path: Path) -> None:
         "--exclude-checks",
         "positive_data_acceptance",
         "--max-time",
-        "20",
+        "40",
         "--workers",
         "1",
         "--seed",
