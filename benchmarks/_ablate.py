@@ -21,13 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from _common import interleaved, median_ratio, timed  # noqa: E402
+from _ours import OursScore, OursTrain, with_paths  # noqa: E402
 
 from spot import backbones  # noqa: E402
 from spot.backbones import llama  # noqa: E402
-from spot.train import data_mesh, make_optimizer, make_train_step  # noqa: E402
 
 
 def main() -> None:
@@ -52,22 +51,12 @@ def main() -> None:
     for field, off in (("share_prefix", False), ("prune_last", False), ("fuse", False),
                        ("unroll", True)):
         variants[f"fast, {field}={off}"] = dataclasses.replace(llama.FAST, **{field: off})
-    optimizer = make_optimizer("adafactor", 0.3, 0.8, 1e-5)
     trains, scores, compile_s = {}, {}, {}
     for name, opts in variants.items():
-        bb = dataclasses.replace(b, loss_fn=llama.make_loss_fn(cfg, b.bos_id, opts),
-                                 score_fn=llama.make_score_fn(cfg, b.bos_id, opts))
-        step = make_train_step(bb, optimizer, data_mesh())
-        state = {"prompt": prompt + 0, "opt": optimizer.init(prompt)}
-
-        def train(step=step, state=state, bb=bb):
-            state["prompt"], state["opt"], loss = step(bb.params, state["prompt"], state["opt"],
-                                                       batch, jax.random.PRNGKey(0))
-            return float(loss)
-
-        compile_s[name] = timed(train)
-        trains[name] = train
-        scores[name] = lambda bb=bb: np.asarray(bb.score(prompt, batch))
+        bb = with_paths(b, opts)
+        trains[name] = OursTrain(bb, prompt, [batch])
+        compile_s[name] = timed(trains[name])
+        scores[name] = OursScore(bb, prompt, [batch])
         scores[name]()
         print(f"{name}: first train call {compile_s[name]:.1f} s", flush=True)
     train_times = interleaved(trains, args.rounds)

@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from _common import interleaved  # noqa: E402
+from _ours import OursTrain, with_paths  # noqa: E402
 
 from spot import backbones  # noqa: E402
 from spot.backbones import llama  # noqa: E402
-from spot.train import data_mesh, make_optimizer, make_train_step  # noqa: E402
 
 
 def fwd_bwd(fn):
@@ -61,19 +61,7 @@ def main() -> None:
     variants = {"plain": None, "fast": llama.FAST}
     pieces: dict[str, tuple] = {}
     for name, opts in variants.items():
-        import dataclasses
-
-        bb = dataclasses.replace(b, loss_fn=llama.make_loss_fn(cfg, b.bos_id, opts))
-        optimizer = make_optimizer("adafactor", 0.3, 0.8, 1e-5)
-        step = make_train_step(bb, optimizer, data_mesh())
-        state = {"prompt": prompt + 0, "opt": optimizer.init(prompt)}
-
-        def run(step=step, state=state, bb=bb):
-            state["prompt"], state["opt"], loss = step(bb.params, state["prompt"], state["opt"],
-                                                       batch, jax.random.PRNGKey(0))
-            return float(loss)
-
-        pieces[f"train step ({name} path)"] = (run, 1)
+        pieces[f"train step ({name} path)"] = (OursTrain(with_paths(b, opts), prompt, [batch]), 1)
         # rows through each layer: plain = every row holds the prompt; fast = prompt once
         rows = args.batch * (t + args.prompt) if opts is None else args.prompt + args.batch * t
         x = jnp.asarray(rng.standard_normal((rows, cfg.d_model), dtype=np.float32))

@@ -40,6 +40,7 @@ from _common import (  # noqa: E402
     timed,
     train_flops,
 )
+from _ours import OursScore, OursTrain, with_paths  # noqa: E402
 
 from spot import backbones  # noqa: E402
 from spot.backbones import llama  # noqa: E402
@@ -47,53 +48,10 @@ from spot.batching import encode, eval_batches, make_batch, train_rows  # noqa: 
 from spot.evaluation import subset  # noqa: E402
 from spot.prompts import initial_prompt  # noqa: E402
 from spot.tasks import get_task  # noqa: E402
-from spot.train import data_mesh, make_optimizer, make_train_step  # noqa: E402
 
 BATCH, MAX_LENGTH, PROMPT_LENGTH = 8, 128, 20
 
 
-# ----------------------------------------------------------------------------- our side
-def with_paths(backbone, opts):
-    """The backbone with loss/score built from fast-path options (`None`: the plain Flax path)."""
-    return dataclasses.replace(
-        backbone,
-        loss_fn=llama.make_loss_fn(backbone.config, backbone.bos_id, opts),
-        score_fn=llama.make_score_fn(backbone.config, backbone.bos_id, opts),
-    )
-
-
-class OursTrain:
-    """Runs our jitted train step (spot.train.make_train_step) over the batches, carrying state."""
-
-    def __init__(self, backbone, prompt, batches):
-        self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
-        self.optimizer = make_optimizer("adafactor", 0.3, 0.8, 1e-5)
-        self.step_fn = make_train_step(backbone, self.optimizer, data_mesh())
-        self.prompt = jnp.asarray(prompt)
-        self.state = self.optimizer.init(self.prompt)
-        self.rng = jax.random.PRNGKey(0)
-        self.losses: list[float] = []
-
-    def step(self, batch) -> float:
-        self.prompt, self.state, loss = self.step_fn(
-            self.backbone.params, self.prompt, self.state, batch, self.rng
-        )
-        return float(loss)  # blocks
-
-    def __call__(self) -> None:
-        self.losses = [self.step(b) for b in self.batches]
-
-
-class OursScore:
-    def __init__(self, backbone, prompt, batches):
-        self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
-        self.prompt = jnp.asarray(prompt)
-
-    def __call__(self) -> list[np.ndarray]:
-        return [np.asarray(self.backbone.score(self.prompt, b)) for b in self.batches]
-
-
-# ----------------------------------------------------------------------------- PEFT side
 def load_peft(model_dir: Path, prompt: np.ndarray):
     import torch
     from peft import PromptTuningConfig, get_peft_model

@@ -1,0 +1,59 @@
+"""Our side of the benchmarks: a backbone with chosen fast-path options, a train-step runner and
+a scoring runner (the jitted functions of spot.train / spot.backbones, state carried across calls)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spot.backbones import llama
+from spot.train import TrainConfig, data_mesh, make_optimizer, make_train_step
+
+DEFAULTS = TrainConfig(task="benchmark")  # the trainer's optimizer defaults
+
+
+def with_paths(backbone, opts):
+    """The backbone with loss/score built from fast-path options (`None`: the plain Flax path)."""
+    return dataclasses.replace(
+        backbone,
+        loss_fn=llama.make_loss_fn(backbone.config, backbone.bos_id, opts),
+        score_fn=llama.make_score_fn(backbone.config, backbone.bos_id, opts),
+    )
+
+
+class OursTrain:
+    """Runs our jitted train step (spot.train.make_train_step) over the batches, carrying state."""
+
+    def __init__(self, backbone, prompt, batches):
+        self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
+        self.optimizer = make_optimizer(DEFAULTS.optimizer, DEFAULTS.learning_rate,
+                                        DEFAULTS.decay_rate, DEFAULTS.weight_decay)
+        self.step_fn = make_train_step(backbone, self.optimizer, data_mesh())
+        self.prompt = jnp.array(prompt)  # a copy: the step donates its prompt buffer
+        self.state = self.optimizer.init(self.prompt)
+        self.rng = jax.random.PRNGKey(0)
+        self.losses: list[float] = []
+
+    def step(self, batch) -> float:
+        self.prompt, self.state, loss = self.step_fn(
+            self.backbone.params, self.prompt, self.state, batch, self.rng
+        )
+        return float(loss)  # blocks
+
+    def __call__(self) -> None:
+        self.losses = [self.step(b) for b in self.batches]
+
+
+class OursScore:
+    def __init__(self, backbone, prompt, batches):
+        self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
+        self.prompt = jnp.asarray(prompt)
+
+    def __call__(self) -> list[np.ndarray]:
+        return [np.asarray(self.backbone.score(self.prompt, b)) for b in self.batches]
+
+
+# ----------------------------------------------------------------------------- PEFT side
