@@ -72,18 +72,42 @@ def encode(
     return Encoded(contexts, choices, choice_mask, labels)
 
 
+PACK_GAIN = 0.8  # pack a batch only when its stream is at most this share of the padded columns
+
+
 def bucket_length(length: int, bucket: int, max_length: int) -> int:
     """Round `length` up to a multiple of `bucket`, at most `max_length` (never below 1)."""
     return max(1, min(max_length, -(-length // bucket) * bucket))
 
 
+def pack_slots(n_tokens: int) -> int:
+    """Static size of a packed stream holding `n_tokens`: a multiple of 32 up to 256, of 64 up
+    to 512, then of 128 (few shapes to compile, at most ~12% slack beyond 256 tokens)."""
+    step = 32 if n_tokens <= 256 else 64 if n_tokens <= 512 else 128
+    return max(step, -(-n_tokens // step) * step)
+
+
 def make_batch(
     encoded: Encoded, rows: Sequence[int], pad_id: int, bucket: int = 16, max_length: int = 128,
-    batch_size: int | None = None,
+    batch_size: int | None = None, pack: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Rows of `encoded` -> a left-padded batch; padded with empty rows up to `batch_size`."""
+    """Rows of `encoded` -> a left-padded batch; padded with empty rows up to `batch_size`.
+
+    With `pack`, when it saves at least a fifth of the token columns, the batch also carries
+    `pack`: zeros whose length is the static size of a packed stream that holds every real
+    context token plus each row's longest answer (see `Backbone.packing`). The padded layout is
+    then always `max_length` wide, so a packed step compiles once per stream size only.
+    """
     size = batch_size or len(rows)
     length = bucket_length(max(len(encoded.contexts[r]) for r in rows), bucket, max_length)
+    slots = 0
+    if pack:
+        answers = int(encoded.choice_mask[list(rows)].sum(axis=-1).max(axis=-1).sum())
+        slots = pack_slots(sum(min(len(encoded.contexts[r]), length) for r in rows) + answers)
+        if slots <= PACK_GAIN * size * (length + encoded.choices.shape[-1]):
+            length = max_length
+        else:
+            slots = 0
     tokens = np.full((size, length), pad_id, np.int32)
     mask = np.zeros((size, length), np.int32)
     for i, r in enumerate(rows):
@@ -97,23 +121,27 @@ def make_batch(
     labels = encoded.labels[index].copy()
     labels[len(rows) :] = 0
     labels = np.maximum(labels, 0)
-    return {
+    batch = {
         "tokens": tokens,
         "mask": mask,
         "choices": encoded.choices[index],
         "choice_mask": choice_mask,
         "labels": labels,
     }
+    if slots:
+        batch["pack"] = np.zeros(slots, np.int8)
+    return batch
 
 
 def eval_batches(
-    encoded: Encoded, batch_size: int, pad_id: int, bucket: int = 16, max_length: int = 128
+    encoded: Encoded, batch_size: int, pad_id: int, bucket: int = 16, max_length: int = 128,
+    pack: bool = False,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Length-sorted full-size batches covering every row once: yields (row ids, batch)."""
     order = np.argsort([len(c) for c in encoded.contexts], kind="stable")
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        yield rows, make_batch(encoded, rows, pad_id, bucket, max_length, batch_size)
+        yield rows, make_batch(encoded, rows, pad_id, bucket, max_length, batch_size, pack)
 
 
 def train_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

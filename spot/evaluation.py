@@ -15,7 +15,9 @@ def score_encoded(
 ) -> np.ndarray:
     """[n_examples, n_choices] log-likelihoods, in the order of `encoded`."""
     scores = np.zeros(encoded.choices.shape[:2], np.float32)
-    for rows, batch in eval_batches(encoded, batch_size, backbone.pad_id, max_length=max_length):
+    batches = eval_batches(encoded, batch_size, backbone.pad_id, max_length=max_length,
+                           pack=backbone.packing)
+    for rows, batch in batches:
         scores[rows] = np.asarray(backbone.score(prompt, batch))[: len(rows)]
     return scores
 

@@ -193,6 +193,7 @@ def train(
         config.optimizer, config.learning_rate, config.decay_rate, config.weight_decay
     )
     step_fn = make_train_step(backbone, optimizer, mesh)
+    pack = backbone.packing and mesh.size == 1  # a packed stream has no batch axis to split
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
 
     prompt = jnp.asarray(
@@ -223,7 +224,7 @@ def train(
                 break
             rows = train_rows(len(encoded), config.batch_size, step, config.seed)
             batch = make_batch(encoded, rows, backbone.pad_id, max_length=config.max_length,
-                               batch_size=config.batch_size)
+                               batch_size=config.batch_size, pack=pack)
             batch = jax.device_put(batch, sharded)
             rng = jax.random.fold_in(base_key, step)
             new_prompt, new_opt, loss = step_fn(backbone.params, prompt, opt_state, batch, rng)

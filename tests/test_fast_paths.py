@@ -1,4 +1,5 @@
-"""The Llama fast path (shared prefix, pruned last layer, fused projections) equals the plain path.
+"""The Llama fast path (shared prefix, packing, pruned last layer, fused projections) equals the
+plain path.
 
 `make_*_fn(..., _opts=None)` is the plain Flax path (the reference); every fast-path option is
 also checked switched off one at a time, so each optimisation is guarded on its own.
@@ -38,8 +39,8 @@ OPTIONS = [
 IDS = ["fast", "no-share", "toggle-prune", "toggle-fuse", "unrolled"]
 
 
-def batch_for(b, examples):
-    return make_batch(encode(b, examples), list(range(len(examples))), b.pad_id)
+def batch_for(b, examples, pack=False):
+    return make_batch(encode(b, examples), list(range(len(examples))), b.pad_id, pack=pack)
 
 
 def prompts(d):
@@ -95,6 +96,33 @@ def test_fast_path_multi_token_answers_and_bos():
     b = make_tiny_llama(bos=True)
     assert batch_for(b, MULTI)["choices"].shape[-1] > 1
     assert_paths_agree(b, llama.FAST, MULTI, ("shared", "per_row"))
+
+
+@pytest.mark.parametrize("bos,examples", [(False, EXAMPLES), (True, MULTI)], ids=["one-token", "multi"])
+def test_packed_batches_equal_padded_batches(bos, examples):
+    from conftest import make_tiny_llama
+
+    b = make_tiny_llama(bos=bos)
+    padded, packed = batch_for(b, examples), batch_for(b, examples, pack=True)
+    assert "pack" in packed and packed["tokens"].shape[1] > padded["tokens"].shape[1]
+    assert packed["pack"].shape[0] < packed["mask"].size  # fewer columns than the padded layout
+    score, loss, grad, _ = fns(b, llama.FAST)
+    shared, per_row = prompts(b.d_model)["shared"], prompts(b.d_model)["per_row"][: len(examples)]
+    np.testing.assert_allclose(score(b.params, shared, packed), score(b.params, shared, padded),
+                               atol=1e-5)
+    np.testing.assert_allclose(grad(b.params, shared, packed, None),
+                               grad(b.params, shared, padded, None), atol=1e-6)
+    # per-row prompts are not counted in the stream size: they fall back to the padded layout
+    np.testing.assert_allclose(loss(b.params, per_row, packed, None),
+                               loss(b.params, per_row, padded, None), rtol=1e-5)
+    packed_jaxpr = str(jax.make_jaxpr(b.loss_fn)(b.params, shared, packed, None))
+    assert "scatter" in packed_jaxpr and "scatter" not in str(
+        jax.make_jaxpr(b.loss_fn)(b.params, shared, padded, None))
+
+
+def test_packing_only_when_it_saves_columns(tiny_llama):
+    same = [Example("exactly 16 bytes", ("n", "p"), 0)] * 4  # the tiny tokenizer: bytes
+    assert "pack" not in batch_for(tiny_llama, same, pack=True)
 
 
 def test_default_functions_use_the_fast_path(tiny_llama):
@@ -165,15 +193,17 @@ def test_fast_path_on_smollm2():
     from spot import backbones
 
     b = backbones.load("smollm2-135m")
-    examples = [Example("Sentence: a gorgeous, witty film\nThe sentiment of the sentence is",
-                        (" negative", " positive"), 1),
-                Example("Sentence: dull\nThe sentiment of the sentence is", (" negative", " positive"), 0)]
-    batch = batch_for(b, examples)
+    texts = ["a gorgeous, witty, seductive movie that keeps its audience guessing until the very end",
+             "dull", "a charming journey", "bleak"]
+    examples = [Example(f"Sentence: {text}\nThe sentiment of the sentence is", (" negative", " positive"),
+                        label) for text, label in zip(texts, (1, 0, 1, 0), strict=True)]
+    batch, packed = batch_for(b, examples), batch_for(b, examples, pack=True)
+    assert "pack" in packed  # the fast path runs the packed stream, the plain path the padding
     prompt = np.asarray(b.embedding_table[100:120]) + 0.0
     cfg = b.config
     for make, atol in ((llama.make_score_fn, 2e-3), (llama.make_loss_fn, 2e-3)):
-        np.testing.assert_allclose(jax.jit(make(cfg, b.bos_id))(b.params, prompt, batch),
+        np.testing.assert_allclose(jax.jit(make(cfg, b.bos_id))(b.params, prompt, packed),
                                    jax.jit(make(cfg, b.bos_id, None))(b.params, prompt, batch), atol=atol)
-    grads = [jax.jit(jax.grad(llama.make_loss_fn(cfg, b.bos_id, opts), argnums=1))(b.params, prompt, batch)
-             for opts in (llama.FAST, None)]
+    grads = [jax.jit(jax.grad(llama.make_loss_fn(cfg, b.bos_id, opts), argnums=1))(b.params, prompt, x)
+             for opts, x in ((llama.FAST, packed), (None, batch))]
     assert np.linalg.norm(grads[0] - grads[1]) <= 1e-3 * np.linalg.norm(grads[1])

@@ -7,6 +7,8 @@ A batch is a dict of arrays (a JAX pytree) built by `spot.batching`:
     choices      int32 [batch, n_choices, k] each candidate answer's tokens, right-padded
     choice_mask  int32 [batch, n_choices, k] 1 on real answer tokens
     labels       int32 [batch]               index of the gold choice (-1 when unknown)
+    pack         int8  [slots]               optional: run the real tokens as one packed stream
+                                             of this static size (backbones with `packing`)
 
 Position ids are `cumsum(mask) - 1` over the full input (prompt included), so padding
 never shifts relative positions (rotary and T5 relative buckets both rely on this).
@@ -108,6 +110,7 @@ class Backbone:
     loss_fn: Callable[..., jax.Array]
     score_fn: Callable[..., jax.Array]
     embed_path: tuple[str, ...]  # where the [vocab, d_model] token embedding lives in params
+    packing: bool = False  # loss/score run packed batches (spot.batching.make_batch(pack=True))
 
     @property
     def d_model(self) -> int:

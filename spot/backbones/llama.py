@@ -194,6 +194,11 @@ def _prefixed_hidden(
 #   the rows.
 # * The stacked weights are the layer scan's xs, so the backward pass reads them in place (indexing
 #   them out of a closed-over constant made autodiff save a stacked copy of every layer's weights).
+# * Packing: a batch with `pack` (spot.batching.make_batch(pack=True)) runs its real tokens
+#   only, gathered out of the padded layout into one stream [1, slots, d] with a block-diagonal
+#   causal mask (each token sees the shared prefix and the earlier tokens of its own row), then
+#   scattered back. Exact like the shared prefix; it removes the padding columns (over half of
+#   an SST-2 training batch) at the price of attention over the whole stream.
 # * Optional, off by default (no measurable gain, see benchmarks/README.md): `prune_last` runs the
 #   last layer's query/output/MLP only at the columns whose logits are read (costs a slice copy of
 #   the weights); `fuse` does q|k|v and gate|up as one matmul each (kernels concatenated per layer
@@ -209,6 +214,7 @@ class _FastOptions:
     prune_last: bool = False  # last layer only at the read columns (costs a weight copy)
     fuse: bool = False  # one matmul for q|k|v and one for gate|up (no measurable gain: off)
     unroll: int | bool = 1  # lax.scan unroll factor over layers (True: fully unrolled)
+    pack: bool = True  # run packed batches (batch["pack"]) as one stream of their real tokens
 
 
 FAST = _FastOptions()
@@ -318,8 +324,10 @@ def _fast_hidden(
     bos_id: int | None,
     cols: tuple[int, int] | None = None,
     opts: _FastOptions = FAST,
+    slots: int = 0,
 ) -> jax.Array:
-    """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic."""
+    """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic.
+    `slots` > 0: run the real tokens as one packed stream of that static size (must hold them)."""
     cfg = config
     embed = params["embed"]["embedding"]
     b, t = tokens.shape
@@ -343,11 +351,16 @@ def _fast_hidden(
     prefix = prefix if p else None  # an empty shared prompt
     # positions: the prefix is all real tokens, so rows continue from p (as cumsum over the whole)
     pos_x = jnp.maximum(p + jnp.cumsum(x_mask, axis=-1) - 1, 0).astype(jnp.int32)
-    causal = jnp.tril(jnp.ones((tx, tx), dtype=bool))
-    bias_x = jnp.where(causal[None] & (x_mask[:, None, :] > 0), 0.0, NEG_INF).astype(jnp.float32)
+    slots = slots if tx == t else 0  # `slots` does not count per-row prompts: those run padded
+    if slots:
+        index, x, pos_x, bias_x = _pack(x, x_mask, pos_x, slots)
+    else:
+        causal = jnp.tril(jnp.ones((tx, tx), dtype=bool))
+        allowed = causal[None] & (x_mask[:, None, :] > 0)
+        bias_x = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
     bias_p = None
     if p:
-        bias_x = jnp.concatenate([jnp.zeros((b, tx, p), jnp.float32), bias_x], axis=-1)
+        bias_x = jnp.concatenate([jnp.zeros((*bias_x.shape[:2], p), jnp.float32), bias_x], axis=-1)
         bias_p = jnp.where(jnp.tril(jnp.ones((p, p), dtype=bool)), 0.0, NEG_INF)[None]
     tables = (_rope_table(jnp.arange(p)[None], cfg.head_dim, cfg.rope_theta),
               _rope_table(pos_x, cfg.head_dim, cfg.rope_theta))
@@ -357,26 +370,53 @@ def _fast_hidden(
     layers = params["layers"]
     # the stacked weights are the scan's xs (not indexed out of a closed-over constant): then the
     # backward pass reads them in place instead of saving a stacked copy of every layer's weights
-    xs = jax.tree_util.tree_map(lambda a: a[:-1], layers) if opts.prune_last else layers
+    prune_last = opts.prune_last and not slots  # packed columns are not per-row slices
+    xs = jax.tree_util.tree_map(lambda a: a[:-1], layers) if prune_last else layers
 
     def body(carry, w):
         return _layer(cfg, opts.fuse, w, *carry, tables, biases), None
 
     (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
-    if opts.prune_last:
+    if prune_last:
         w = jax.tree_util.tree_map(lambda a: a[-1], layers)
         _, x = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, cols=(lo, hi))
+    elif slots:  # [1, slots, d] -> [b, tx, d]; columns without a token stay zero
+        x = jnp.zeros((b * tx, cfg.d_model), x.dtype).at[index].set(x[0], mode="drop")
+        x = x.reshape(b, tx, cfg.d_model)[:, lo:hi]
     else:
         x = x[:, lo:hi]
     return _rms(x, params["norm"]["scale"], cfg.rms_eps)
 
 
-def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts):
+def _pack(x: jax.Array, mask: jax.Array, positions: jax.Array, slots: int):
+    """Real tokens of [b, t, d] rows -> one stream [1, slots, d] (see "Packing" above).
+
+    Returns (index [slots] into the flattened rows, b * t on empty slots; stream; positions
+    [1, slots]; attention bias [1, slots, slots]). `slots` must hold every real token.
+    """
+    b, t, d = x.shape
+    (index,) = jnp.nonzero(mask.reshape(-1), size=slots, fill_value=b * t)
+    filled = index < b * t
+    source = jnp.minimum(index, b * t - 1)
+    row = jnp.where(filled, index // t, -1)
+    # a token sees the earlier tokens of its own row; empty slots see only the prefix
+    allowed = (row[:, None] == row[None, :]) & (index[None, :] <= index[:, None]) & filled[None, :]
+    bias = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[None]
+    return index, x.reshape(b * t, d)[source][None], positions.reshape(-1)[source][None], bias
+
+
+def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts, slots=0):
     """Hidden states of token columns lo:hi: fast path unless dropout is active."""
     if opts is None or (rng is not None and config.dropout_rate > 0):
         hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, rng)
         return hidden if cols is None else hidden[:, cols[0] : cols[1]]
-    return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts)
+    slots = slots if opts.pack else 0
+    return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts, slots)
+
+
+def _slots(batch: Batch) -> int:
+    """Static packed-stream size of a packed batch (0: run the padded layout)."""
+    return batch["pack"].shape[0] if "pack" in batch else 0
 
 
 def _answer_log_probs(config, params, hidden, answers):
@@ -387,8 +427,11 @@ def _answer_log_probs(config, params, hidden, answers):
 
 
 def _with_answers(tokens, mask, answers, answer_mask):
-    """Append answer tokens [n, k] after the left-padded context [n, t]."""
-    return jnp.concatenate([tokens, answers], 1), jnp.concatenate([mask, answer_mask], 1)
+    """Append the answer tokens [n, k] but the last after the left-padded context [n, t]: columns
+    t - 1 .. t + k - 2 (the last k) then predict the k answer tokens; the last answer token
+    predicts nothing that is read, so it is not run."""
+    return (jnp.concatenate([tokens, answers[:, :-1]], 1),
+            jnp.concatenate([mask, answer_mask[:, :-1]], 1))
 
 
 def make_loss_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):
@@ -401,7 +444,8 @@ def make_loss_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | 
         gold_mask = batch["choice_mask"][rows, batch["labels"]]
         tokens, mask = _with_answers(batch["tokens"], batch["mask"], gold, gold_mask)
         k, t = gold.shape[1], tokens.shape[1]
-        hidden = _hidden(config, params, prompt, tokens, mask, bos_id, rng, (t - k - 1, t - 1), _opts)
+        hidden = _hidden(config, params, prompt, tokens, mask, bos_id, rng, (t - k, t), _opts,
+                         _slots(batch))
         log_probs = _answer_log_probs(config, params, hidden, gold)
         weights = gold_mask.astype(jnp.float32)
         return -jnp.sum(log_probs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -419,7 +463,7 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
         if k == 1:  # one token per answer: one pass over the context, read the last position
             t = batch["tokens"].shape[1]
             hidden = _hidden(config, params, prompt, batch["tokens"], batch["mask"], bos_id, None,
-                             (t - 1, t), _opts)
+                             (t - 1, t), _opts, _slots(batch))
             last = jnp.broadcast_to(hidden, (n, c, hidden.shape[-1]))
             log_probs = _answer_log_probs(config, params, last, choices[..., 0])
             return log_probs * choice_mask[..., 0]
@@ -431,7 +475,8 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
         answers, answer_mask = choices.reshape(n * c, k), choice_mask.reshape(n * c, k)
         tokens, mask = _with_answers(tokens, mask, answers, answer_mask)
         t = tokens.shape[1]
-        hidden = _hidden(config, params, prompt, tokens, mask, bos_id, None, (t - k - 1, t - 1), _opts)
+        hidden = _hidden(config, params, prompt, tokens, mask, bos_id, None, (t - k, t), _opts,
+                         c * _slots(batch))  # each row c times: c x the stream holds them
         log_probs = _answer_log_probs(config, params, hidden, answers)
         return jnp.sum(log_probs * answer_mask, axis=-1).reshape(n, c)
 

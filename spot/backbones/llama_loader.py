@@ -40,6 +40,7 @@ def build_llama(
         loss_fn=make_loss_fn(config, bos_id),
         score_fn=make_score_fn(config, bos_id),
         embed_path=("embed", "embedding"),
+        packing=True,
     )
 
 
