@@ -50,6 +50,7 @@ def train(
     learning_rate: float | None = None,
     max_length: int | None = None,
     seed: int | None = None,
+    objective: Annotated[str | None, typer.Option(help="lm (default) | choices")] = None,
 ) -> None:
     """Prompt-tune a task; writes key (early) and value (best) prompts into OUT."""
     from spot import backbones
@@ -60,7 +61,8 @@ def train(
     overrides = dict(task=task, backbone=backbone, steps=steps, key_step=key_step,
                      eval_every=eval_every, eval_examples=eval_examples, batch_size=batch_size,
                      prompt_length=prompt_length, init=init, optimizer=optimizer,
-                     learning_rate=learning_rate, max_length=max_length, seed=seed)
+                     learning_rate=learning_rate, max_length=max_length, seed=seed,
+                     objective=objective)
     try:
         if config is not None:
             cfg = TrainConfig.from_file(config, **overrides)

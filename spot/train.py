@@ -39,6 +39,9 @@ class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+OBJECTIVES = ("lm", "choices")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     task: str
@@ -56,6 +59,7 @@ class TrainConfig:
     eval_examples: int = 400  # validation subset per evaluation (0 = whole split)
     max_length: int = 128
     seed: int = 0
+    objective: str = "lm"  # lm: gold answer's token cross-entropy | choices: softmax over choices
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.prompt_length < 1:
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"key_step {self.key_step} must lie in [1, steps={self.steps}]")
         if self.optimizer not in ("adafactor", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r} (adafactor, adam)")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r} ({', '.join(OBJECTIVES)})")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -108,15 +114,31 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("batch",))
 
 
+def choice_loss(score_fn):
+    """Rank-classification objective: cross-entropy of the gold choice under a softmax over the
+    choices' log-likelihoods (what evaluation ranks). Deterministic: no dropout."""
+
+    def loss_fn(params, prompt, batch, rng=None):
+        log_probs = jax.nn.log_softmax(score_fn(params, prompt, batch), axis=-1)  # [batch, choices]
+        gold = jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
+        real = (batch["choice_mask"].sum(axis=(1, 2)) > 0).astype(jnp.float32)  # not padding rows
+        return -jnp.sum(gold * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+    return loss_fn
+
+
 @functools.lru_cache(maxsize=16)
-def make_train_step(backbone: Backbone, optimizer: optax.GradientTransformation, mesh: Mesh):
+def make_train_step(
+    backbone: Backbone, optimizer: optax.GradientTransformation, mesh: Mesh, objective: str = "lm"
+):
     """Jitted step: gradient w.r.t. the prompt only (the frozen params are a plain argument).
     Cached, so runs on one backbone with one optimizer compile once per batch shape."""
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
+    loss_fn = backbone.loss_fn if objective == "lm" else choice_loss(backbone.score_fn)
 
     def step(params, prompt, opt_state, batch, rng):
-        loss, grad = jax.value_and_grad(backbone.loss_fn, argnums=1)(params, prompt, batch, rng)
+        loss, grad = jax.value_and_grad(loss_fn, argnums=1)(params, prompt, batch, rng)
         updates, opt_state = optimizer.update(grad, opt_state, prompt)
         return optax.apply_updates(prompt, updates), opt_state, loss
 
@@ -161,7 +183,8 @@ def _check_config(out: Path, config: TrainConfig) -> None:
     path = out / "config.json"
     wanted = dataclasses.asdict(config)
     if path.is_file():
-        found = json.loads(path.read_text())
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}  # fields added later
+        found = {**defaults, **json.loads(path.read_text())}
         if found != wanted:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
             raise ValueError(f"{out} holds a run with another config (differs in {changed})")
@@ -192,7 +215,7 @@ def train(
     optimizer = make_optimizer(
         config.optimizer, config.learning_rate, config.decay_rate, config.weight_decay
     )
-    step_fn = make_train_step(backbone, optimizer, mesh)
+    step_fn = make_train_step(backbone, optimizer, mesh, config.objective)
     pack = backbone.packing and mesh.size == 1  # a packed stream has no batch axis to split
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
 

@@ -20,7 +20,8 @@ from tiny_tasks import polarity_task
 
 from library.prompt_file import load_prompt
 from spot.backbones.base import BackboneError
-from spot.train import TrainConfig, TrainingError, train
+from spot.batching import encode, make_batch
+from spot.train import TrainConfig, TrainingError, choice_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(task="tiny_polarity", backbone="tiny", prompt_length=4, batch_size=8, steps=24,
@@ -43,6 +44,23 @@ def test_only_the_prompt_learns_and_loss_falls(tiny_llama, tmp_path):
     best = max(result.history, key=lambda r: r["accuracy"])
     assert int(value_meta["step"]) == best["step"]
     assert result.value_score >= result.history[0]["accuracy"]
+
+
+def test_choices_objective(tiny_llama, tmp_path):
+    examples = polarity_task().load("train")[:6]
+    batch = make_batch(encode(tiny_llama, examples), range(6), tiny_llama.pad_id, batch_size=8)
+    prompt = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32)), jnp.float32)
+    scores = np.asarray(tiny_llama.score(prompt, batch))[:6]  # the two padding rows do not count
+    log_probs = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
+    expected = -np.mean(log_probs[np.arange(6), batch["labels"][:6]])
+    loss = choice_loss(tiny_llama.score_fn)(tiny_llama.params, prompt, batch)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    config = TrainConfig(**{**FAST, "objective": "choices"})
+    result = train(tiny_llama, polarity_task(), config, tmp_path, show_progress=False)
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="unknown objective"):
+        TrainConfig(**{**FAST, "objective": "hinge"})
 
 
 def test_resume_equals_uninterrupted(tiny_llama, tmp_path):
