@@ -1,10 +1,12 @@
-"""Query latency of the prompt library's key index: exact (flat) vs approximate (HNSW).
+"""Query latency of the prompt library's key index: exact (flat) vs approximate (IVF, HNSW).
 
-For each library size: single-query latency p50/p99 of `KeyIndex.search` for both kinds, build
-times, and HNSW recall@10 against the exact result. Keys are synthetic pooled vectors of rank 32
-(`--data lowrank`, like structured real keys) or uniform on the sphere (`--data uniform`, worst
-case for any approximate index). `--end-to-end N` also times `Library.query` on a real on-disk
-library of N published [L, d] keys (pooling + index + manifest lookup).
+For each library size: single-query latency p50/p99 of `KeyIndex.search` for each kind, build
+times, and the approximate kinds' recall@10 against the exact result (HNSW only up to
+`--hnsw-max` keys: its build does not finish in reasonable time at 1M keys on a 2-core machine).
+Keys are synthetic pooled vectors of rank 32 (`--data lowrank`, like structured real keys) or
+uniform on the sphere (`--data uniform`, worst case for any approximate index). `--end-to-end N`
+also times `Library.query` on a real on-disk library of N published [L, d] keys (pooling + index
++ manifest lookup).
 
     .venv/bin/python benchmarks/library_query.py --sizes 1000 100000 1000000 --end-to-end 1000
 """
@@ -18,10 +20,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+import faiss
 import numpy as np
 
 from library import Library
-from library.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, KeyIndex
+from library.index import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    IVF_NPROBE,
+    IVF_POINTS_PER_LIST,
+    IndexKind,
+    KeyIndex,
+)
 
 
 def synthetic(n: int, d: int, data: str, rng: np.random.Generator, basis: np.ndarray) -> np.ndarray:
@@ -52,33 +63,38 @@ def latencies(index: KeyIndex, queries: np.ndarray, k: int) -> tuple[dict[str, f
 def bench_size(
     n: int, args: argparse.Namespace, rng: np.random.Generator, basis: np.ndarray
 ) -> Iterator[dict[str, object]]:
-    """One result line for the flat index, then (unless too large) one for HNSW."""
+    """One result line for the flat index, then one for IVF and one for HNSW (or why not)."""
     keys = synthetic(n, args.d, args.data, rng, basis)
     queries = synthetic(args.queries, args.d, args.data, rng, basis)
     rowids = np.arange(n, dtype=np.int64)
-    start = time.perf_counter()
-    flat = KeyIndex.build("flat", args.d, rowids, keys, 0)
-    result: dict[str, object] = {
-        "keys": n,
-        "kind": "flat",
-        "build_s": round(time.perf_counter() - start, 2),
-    }
-    result["single_query"], exact = latencies(flat, queries, args.k)
-    start = time.perf_counter()
-    flat.search(queries, args.k)
-    result["batch_qps"] = round(len(queries) / (time.perf_counter() - start), 1)
-    yield result
-    del flat
-    if n <= args.hnsw_max:
+    exact = np.zeros((0, args.k), np.int64)
+    kinds: list[IndexKind] = ["flat", "ivf"] + (["hnsw"] if n <= args.hnsw_max else [])
+    for kind in kinds:
         start = time.perf_counter()
-        hnsw = KeyIndex.build("hnsw", args.d, rowids, keys, 0)
-        result = {"keys": n, "kind": "hnsw", "build_s": round(time.perf_counter() - start, 1)}
-        result["single_query"], approx = latencies(hnsw, queries, args.k)
-        recall = np.mean(
-            [len(set(a) & set(b)) / args.k for a, b in zip(exact, approx, strict=True)]
-        )
-        result["recall_at_10"] = round(float(recall), 4)
+        index = KeyIndex.build(kind, args.d, rowids, keys, 0)
+        result: dict[str, object] = {
+            "keys": n,
+            "kind": kind,
+            "build_s": round(time.perf_counter() - start, 2),
+        }
+        if isinstance(index.index, faiss.IndexIVF):
+            result["nlist"] = index.index.nlist
+        result["single_query"], found = latencies(index, queries, args.k)
+        start = time.perf_counter()
+        index.search(queries, args.k)
+        result["batch_qps"] = round(len(queries) / (time.perf_counter() - start), 1)
+        if kind == "flat":
+            exact = found
+        else:
+            recall = np.mean(
+                [len(set(a) & set(b)) / args.k for a, b in zip(exact, found, strict=True)]
+            )
+            result["recall_at_10"] = round(float(recall), 4)
+        result["load"] = os.getloadavg()
         yield result
+        del index
+    if n > args.hnsw_max:
+        yield {"keys": n, "kind": "hnsw", "skipped": f"{n} keys > --hnsw-max {args.hnsw_max}"}
 
 
 def bench_end_to_end(
@@ -124,7 +140,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--data", choices=("lowrank", "uniform"), default="lowrank")
-    parser.add_argument("--hnsw-max", type=int, default=1_000_000, help="skip HNSW above this size")
+    parser.add_argument(
+        "--hnsw-max",
+        type=int,
+        default=100_000,
+        help="skip HNSW above this size (a 1M-key build did not finish on a 2-core machine)",
+    )
     parser.add_argument(
         "--end-to-end", type=int, default=0, help="also time Library.query with this many keys"
     )
@@ -137,6 +158,8 @@ def main() -> None:
         "k": args.k,
         "data": args.data,
         "hnsw": {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH},
+        "ivf": {"nprobe": IVF_NPROBE, "train_points_per_list": IVF_POINTS_PER_LIST},
+        "faiss_threads": faiss.omp_get_max_threads(),
     }
     print(
         json.dumps({"config": config, "cpus": os.cpu_count(), "load": os.getloadavg()}), flush=True

@@ -174,8 +174,9 @@ def _read_index(path: Path) -> KeyIndex | None:
 class Library:
     """A directory of published soft prompts with similarity search over their keys.
 
-    Safe for many threads and processes at once. `index_kind` is "flat" (exact) or "hnsw"
-    (approximate, for large libraries); each kind keeps its own index files.
+    Safe for many threads and processes at once. `index_kind` is "flat" (exact), "hnsw" or
+    "ivf" (approximate, for large libraries; IVF builds much faster and can remove keys in
+    place); each kind keeps its own index files.
     """
 
     def __init__(

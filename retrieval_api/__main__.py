@@ -21,7 +21,10 @@ def main() -> None:
     )
     parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
     parser.add_argument(
-        "--index", choices=KINDS, default="flat", help="exact (flat) or approximate (hnsw) search"
+        "--index",
+        choices=KINDS,
+        default="flat",
+        help="exact (flat) or approximate (hnsw, ivf) search",
     )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
