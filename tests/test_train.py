@@ -55,7 +55,7 @@ def test_choices_objective(tiny_llama, tmp_path):
     expected = -np.mean(log_probs[np.arange(6), batch["labels"][:6]])
     loss = choice_loss(tiny_llama.score_fn)(tiny_llama.params, prompt, batch)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-    config = TrainConfig(**{**FAST, "objective": "choices"})
+    config = TrainConfig(**{**FAST, "objective": "choices", "steps": 12, "eval_every": 4, "key_step": 4})
     result = train(tiny_llama, polarity_task(), config, tmp_path, show_progress=False)
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < losses[0]
