@@ -72,12 +72,20 @@ def encode(
     return Encoded(contexts, choices, choice_mask, labels)
 
 
-PACK_GAIN = 0.8  # pack a batch only when its stream is at most this share of the padded columns
+PACK_GAIN = 0.8  # pack a batch only when that costs at most this share of the padded layout
+# Cost of one attended (query, key) pair in token-columns: a pair costs ~4 d FLOPs, a column's
+# projections ~24 d^2 (SmolLM2: 1/3070); XLA's attention runs well below its GEMM rate, hence 1/1024.
+PAIR_COST = 1 / 1024
 
 
 def bucket_length(length: int, bucket: int, max_length: int) -> int:
     """Round `length` up to a multiple of `bucket`, at most `max_length` (never below 1)."""
     return max(1, min(max_length, -(-length // bucket) * bucket))
+
+
+def _layout_cost(rows: int, columns: int) -> float:
+    """Relative cost of running `rows` sequences of `columns` tokens (projections + attention)."""
+    return rows * columns * (1 + columns * PAIR_COST)
 
 
 def pack_slots(n_tokens: int) -> int:
@@ -93,7 +101,8 @@ def make_batch(
 ) -> dict[str, np.ndarray]:
     """Rows of `encoded` -> a left-padded batch; padded with empty rows up to `batch_size`.
 
-    With `pack`, when it saves at least a fifth of the token columns, the batch also carries
+    With `pack`, when that saves a fifth of the cost (token columns, plus attention, which grows
+    with the square of the stream: long rows stay padded), the batch also carries
     `pack`: zeros whose length is the static size of a packed stream that holds every real
     context token plus each row's longest answer (see `Backbone.packing`). The padded layout is
     then always `max_length` wide, so a packed step compiles once per stream size only.
@@ -104,7 +113,8 @@ def make_batch(
     if pack:
         answers = int(encoded.choice_mask[list(rows)].sum(axis=-1).max(axis=-1).sum())
         slots = pack_slots(sum(min(len(encoded.contexts[r]), length) for r in rows) + answers)
-        if slots <= PACK_GAIN * size * (length + encoded.choices.shape[-1]):
+        padded = _layout_cost(size, length + encoded.choices.shape[-1])
+        if _layout_cost(1, slots) <= PACK_GAIN * padded:
             length = max_length
         else:
             slots = 0
