@@ -182,6 +182,7 @@ small_prompts = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 6
 
 
 def _cos(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)  # like `similarity`: float64
     nx, ny = np.linalg.norm(x), np.linalg.norm(y)
     return 0.0 if nx == 0 or ny == 0 else float(x @ y / (nx * ny))
 
@@ -191,7 +192,8 @@ def test_pooling_matches_metric_definitions(
     pair: tuple[np.ndarray, np.ndarray],
 ) -> None:
     a, b = pair
-    assert similarity(a, b, "mean") == pytest.approx(_cos(a.mean(0), b.mean(0)), abs=1e-9)
+    mean = _cos(a.mean(0, dtype=np.float64), b.mean(0, dtype=np.float64))
+    assert similarity(a, b, "mean") == pytest.approx(mean, abs=1e-9)
     per_token = sum(_cos(x, y) for x in a for y in b) / (len(a) * len(b))
     assert similarity(a, b, "token") == pytest.approx(per_token, abs=1e-9)
     assert float(pool(a, "token") @ pool(b, "token")) == pytest.approx(per_token, abs=1e-5)
