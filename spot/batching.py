@@ -74,7 +74,7 @@ def encode(
 
 PACK_GAIN = 0.8  # pack a batch only when that costs at most this share of the padded layout
 # Cost of one attended (query, key) pair in token-columns: a pair costs ~4 d FLOPs, a column's
-# projections ~24 d^2 (SmolLM2: 1/3070); XLA's attention runs well below its GEMM rate, hence 1/1024.
+# projections ~21 d^2 (SmolLM2: 1/3070); XLA's attention runs well below its GEMM rate, hence 1/1024.
 PAIR_COST = 1 / 1024
 
 
