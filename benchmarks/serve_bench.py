@@ -19,7 +19,10 @@ next one. Within a window:
                   `spot.evaluation` pads its batches (one compiled shape per length)
     single        one call per request (batch of 1)
 Throughput = requests / wall time of the timed pass (after a warm-up that compiles every shape
-the pass will use); latency = time from the window's start to the end of the call answering the
+the pass will use); useful GFLOP/s = the matmul FLOPs each served request needs (its prompt, BOS
+and context tokens through every layer, one row of answer logits; no padding counted) / wall time,
+as a share of an fp32 2048^3 GEMM (numpy or XLA, the faster) timed in the same run. That share bounds what any batching can
+gain: a strategy at share s cannot be beaten by more than 1/s; latency = time from the window's start to the end of the call answering the
 request. The slow `per-task-fixed` and `single` are timed on the first `--sample-windows` windows
 only, and every ratio compares wall times on the same windows. All strategies must agree on
 every prediction (checked).
@@ -41,6 +44,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import llama_forward_flops  # noqa: E402
 
 from library import Library  # noqa: E402
 from spot import backbones  # noqa: E402
@@ -99,6 +105,33 @@ def serve(strategy: str, predictor: Predictor, window: list[tuple[int, Request]]
     return out
 
 
+def request_flops(backbone, text: str, prompt_length: int, max_length: int) -> float:
+    """Matmul FLOPs one request needs: BOS + prompt + its (truncated) context through the model,
+    logits at the last position (single-token answers, as every task here has)."""
+    context = len(backbone.tokenizer.encode(text, add_special_tokens=False).ids[-max_length:])
+    bos = backbone.bos_id is not None
+    flops = llama_forward_flops(backbone.config, 1, bos + prompt_length + context, 0, False, None, 1)
+    return sum(flops.values())
+
+
+def gemm_gflops(repeats: int = 5, n: int = 2048) -> float:
+    """Median GFLOP/s of an fp32 n^3 GEMM, the faster of numpy's BLAS and XLA (this process,
+    this machine load)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ja = jax.numpy.asarray(a)
+    dot = jax.jit(jax.numpy.dot)
+    best = 0.0
+    for run in (lambda: a @ a, lambda: dot(ja, ja).block_until_ready()):
+        run()
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - started)
+        best = max(best, 2 * n**3 / float(np.median(seconds)) / 1e9)
+    return best
+
+
 def throughput(args, backbone, library) -> dict:
     rng = np.random.default_rng(args.seed)
     stream = []
@@ -131,6 +164,8 @@ def throughput(args, backbone, library) -> dict:
     warmup = time.perf_counter() - started
     print(f"warm-up: {len(shapes)} batch shapes compiled and run in {warmup:.0f}s", flush=True)
 
+    useful = [request_flops(backbone, r.text, args.prompt_length, args.max_length) for r in stream]
+    peaks = [gemm_gflops()]
     results, answers, window_seconds = {}, {}, {}
     for name, predictor in predictors.items():
         predictor.stats.update(batches=0, rows=0, padded_rows=0)
@@ -143,6 +178,7 @@ def throughput(args, backbone, library) -> dict:
                 served += 1
             window_seconds[name].append(time.perf_counter() - started)
         wall = sum(window_seconds[name])
+        gflops = sum(useful[i] for window in timed_windows[name] for i, _ in window) / wall / 1e9
         results[name] = {
             "windows": len(timed_windows[name]),
             "requests": served,
@@ -152,14 +188,22 @@ def throughput(args, backbone, library) -> dict:
             "padded_rows": predictor.stats["padded_rows"],
             "mean_latency_s": float(np.mean(latencies)),
             "p95_latency_s": float(np.percentile(latencies, 95)),
+            "useful_gflops_per_s": gflops,
         }
         print(
             f"{name:>15}: {served} requests ({len(timed_windows[name])} windows) in {wall:7.1f}s = "
             f"{served / wall:6.2f} req/s, {predictor.stats['batches']} batches "
             f"({predictor.stats['padded_rows']} padding rows), latency mean {np.mean(latencies):.2f}s "
-            f"p95 {np.percentile(latencies, 95):.2f}s",
+            f"p95 {np.percentile(latencies, 95):.2f}s, useful {gflops:.1f} GFLOP/s",
             flush=True,
         )
+    peaks.append(gemm_gflops())
+    peak = float(np.median(peaks))
+    print(f"fp32 GEMM peak (numpy or XLA, 2048^3, before and after): {peaks[0]:.1f}, {peaks[1]:.1f} GFLOP/s")
+    for name, result in results.items():
+        result["share_of_gemm_peak"] = result["useful_gflops_per_s"] / peak
+        print(f"{name:>15}: {100 * result['share_of_gemm_peak']:.0f}% of the GEMM peak in useful "
+              f"FLOPs; no batching can beat it by more than {1 / result['share_of_gemm_peak']:.2f}x")
     disagreements, max_diff = 0, 0.0
     for by_strategy in answers.values():
         reference = by_strategy["mixed"]
@@ -180,6 +224,7 @@ def throughput(args, backbone, library) -> dict:
         "strategies": results,
         "ratios": ratios,
         "warmup_s": warmup,
+        "gemm_peak_gflops_per_s": peaks,
         "shapes": len(shapes),
         "disagreements": disagreements,
         "max_score_diff": max_diff,
