@@ -51,7 +51,6 @@ from _common import llama_forward_flops  # noqa: E402
 from library import Library  # noqa: E402
 from spot import backbones  # noqa: E402
 from spot.evaluation import subset  # noqa: E402
-from spot.paths import cache_dir  # noqa: E402
 from spot.prompts import sampled_vocab  # noqa: E402
 from spot.serve import Predictor, Request, ensemble_report  # noqa: E402
 from spot.tasks import get_task  # noqa: E402
@@ -305,7 +304,6 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax-compilation-cache"))
 
     backbone = backbones.load()
     out = {"backbone": backbone.identity, "args": {k: str(v) for k, v in vars(args).items()}}
