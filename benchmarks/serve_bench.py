@@ -167,7 +167,7 @@ def throughput(args, backbone, library) -> dict:
     peaks = [gemm_gflops()]
     results, answers, window_seconds = {}, {}, {}
     for name, predictor in predictors.items():
-        predictor.stats.update(batches=0, rows=0, padded_rows=0)
+        predictor.stats.update(batches=0, rows=0, padded_rows=0, shared_prompt_batches=0)
         latencies, served, window_seconds[name] = [], 0, []
         for window in timed_windows[name]:
             started = time.perf_counter()
@@ -185,6 +185,7 @@ def throughput(args, backbone, library) -> dict:
             "requests_per_s": served / wall,
             "batches": predictor.stats["batches"],
             "padded_rows": predictor.stats["padded_rows"],
+            "shared_prompt_batches": predictor.stats["shared_prompt_batches"],
             "mean_latency_s": float(np.mean(latencies)),
             "p95_latency_s": float(np.percentile(latencies, 95)),
             "useful_gflops_per_s": gflops,
@@ -192,7 +193,8 @@ def throughput(args, backbone, library) -> dict:
         print(
             f"{name:>15}: {served} requests ({len(timed_windows[name])} windows) in {wall:7.1f}s = "
             f"{served / wall:6.2f} req/s, {predictor.stats['batches']} batches "
-            f"({predictor.stats['padded_rows']} padding rows), latency mean {np.mean(latencies):.2f}s "
+            f"({predictor.stats['padded_rows']} padding rows, "
+            f"{predictor.stats['shared_prompt_batches']} with one shared prompt), latency mean {np.mean(latencies):.2f}s "
             f"p95 {np.percentile(latencies, 95):.2f}s, useful {gflops:.1f} GFLOP/s",
             flush=True,
         )

@@ -200,7 +200,8 @@ class Predictor:
         self._choices: dict[str, tuple[str, ...] | None] = {}
         self._answer_ids: dict[str, list[int]] = {}
         self._lock = threading.Lock()
-        self.stats = {"batches": 0, "rows": 0, "padded_rows": 0, "cache_hits": 0, "cache_misses": 0}
+        self.stats = {"batches": 0, "rows": 0, "padded_rows": 0, "shared_prompt_batches": 0,
+                      "cache_hits": 0, "cache_misses": 0}
 
     # ---- prompts ---------------------------------------------------------------------------
 
@@ -362,7 +363,9 @@ class Predictor:
     def _make_batch(
         self, chunk: Sequence[_Row], k: int
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Per-row prompts [B, L, d] and a left-padded batch (see spot.backbones.base)."""
+        """The prompt and a left-padded batch (see spot.backbones.base): one [L, d] prompt when
+        every row has the same one (the backbone then runs it once, as a shared prefix, where
+        its fast path can), else per-row prompts [B, L, d]."""
         size = self._rows_for(len(chunk))
         c = max(len(r.answers) for r in chunk)
         if k == 1:  # extra choices are free on the one-pass path: bucket them too
@@ -373,7 +376,8 @@ class Predictor:
         mask = np.zeros((size, length), np.int32)
         choices = np.full((size, c, k), pad, np.int32)
         choice_mask = np.zeros((size, c, k), np.int32)
-        prompt = np.empty((size, *chunk[0].prompt.shape), np.float32)
+        shared = all(row.prompt is chunk[0].prompt for row in chunk)
+        prompt = chunk[0].prompt if shared else np.empty((size, *chunk[0].prompt.shape), np.float32)
         for i, row in enumerate(chunk):
             context = row.context[-length:]
             tokens[i, length - len(context) :] = context
@@ -381,8 +385,10 @@ class Predictor:
             for j, answer in enumerate(row.answers):
                 choices[i, j, : len(answer)] = answer
                 choice_mask[i, j, : len(answer)] = 1
-            prompt[i] = row.prompt
-        prompt[len(chunk) :] = chunk[0].prompt  # padding rows (fully masked): any valid prompt
+            if not shared:
+                prompt[i] = row.prompt
+        if not shared:
+            prompt[len(chunk) :] = chunk[0].prompt  # padding rows (fully masked): any valid prompt
         batch = {
             "tokens": tokens,
             "mask": mask,
@@ -402,7 +408,8 @@ class Predictor:
         with self._lock:
             self.stats["batches"] += 1
             self.stats["rows"] += len(chunk)
-            self.stats["padded_rows"] += prompt.shape[0] - len(chunk)
+            self.stats["padded_rows"] += batch["tokens"].shape[0] - len(chunk)
+            self.stats["shared_prompt_batches"] += int(prompt.ndim == 2)
         return scores[: len(chunk)]
 
     # ---- public entry points ---------------------------------------------------------------

@@ -81,12 +81,12 @@ def test_mixed_batch_equals_each_task_alone(setup):
         name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")), 8)
         for name, task in tasks.items()
     }
-    alone = {
-        name: Predictor(backbone, prompts=prompts, batch_size=8).predict(
-            [r for n, _, r in mixed if n == name]
-        )
-        for name in tasks
-    }
+    alone, shared = {}, []
+    for name in tasks:  # one task per call: its batches run the prompt once, as a shared prefix
+        single = Predictor(backbone, prompts=prompts, batch_size=8)
+        alone[name] = single.predict([r for n, _, r in mixed if n == name])
+        shared.append(single.stats["shared_prompt_batches"] == single.stats["batches"] > 0)
+    assert all(shared)
     for (name, i, _request), prediction in zip(mixed, predictions, strict=True):
         np.testing.assert_allclose(prediction.scores, reference[name][i], atol=1e-5, rtol=0)
         np.testing.assert_allclose(prediction.scores, alone[name][i].scores, atol=1e-5, rtol=0)
