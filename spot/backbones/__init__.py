@@ -86,7 +86,6 @@ def gguf_path() -> Path:
 
 def smollm2_dir() -> Path:
     """Hugging Face-layout cache of the dequantized SmolLM2 weights, converted on first use."""
-
     target = cache_dir() / "backbones" / DEFAULT_BACKBONE
     stamp = target / "spot.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("cache_version") == CACHE_VERSION:
