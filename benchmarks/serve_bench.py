@@ -73,7 +73,8 @@ class DryRun(Predictor):
     shapes: dict[tuple, tuple[np.ndarray, dict]] = {}  # shared by every dry run
 
     def _run(self, prompt, batch):
-        shape = (prompt.shape, *(batch[k].shape for k in ("tokens", "choices")))
+        shape = (prompt.shape, *(batch[k].shape for k in ("tokens", "choices")),
+                 batch["prompt_rows"].shape if "prompt_rows" in batch else None)
         self.shapes.setdefault(shape, (prompt, batch))
         return np.zeros(batch["choices"].shape[:2], np.float32)
 
@@ -174,7 +175,8 @@ def throughput(args, backbone, library) -> dict:
     peaks = [gemm_gflops()]
     results, answers, window_seconds = {}, {}, {}
     for name, predictor in predictors.items():
-        predictor.stats.update(batches=0, rows=0, padded_rows=0, shared_prompt_batches=0)
+        predictor.stats.update(batches=0, rows=0, padded_rows=0, shared_prompt_batches=0,
+                               grouped_prompt_batches=0)
         latencies, served, window_seconds[name] = [], 0, []
         for window in timed_windows[name]:
             started = time.perf_counter()
@@ -193,6 +195,7 @@ def throughput(args, backbone, library) -> dict:
             "batches": predictor.stats["batches"],
             "padded_rows": predictor.stats["padded_rows"],
             "shared_prompt_batches": predictor.stats["shared_prompt_batches"],
+            "grouped_prompt_batches": predictor.stats["grouped_prompt_batches"],
             "mean_latency_s": float(np.mean(latencies)),
             "p95_latency_s": float(np.percentile(latencies, 95)),
             "useful_gflops_per_s": gflops,
@@ -201,7 +204,8 @@ def throughput(args, backbone, library) -> dict:
             f"{name:>15}: {served} requests ({len(timed_windows[name])} windows) in {wall:7.1f}s = "
             f"{served / wall:6.2f} req/s, {predictor.stats['batches']} batches "
             f"({predictor.stats['padded_rows']} padding rows, "
-            f"{predictor.stats['shared_prompt_batches']} with one shared prompt), latency mean {np.mean(latencies):.2f}s "
+            f"{predictor.stats['shared_prompt_batches']} with one shared prompt, "
+            f"{predictor.stats['grouped_prompt_batches']} with prompt groups), latency mean {np.mean(latencies):.2f}s "
             f"p95 {np.percentile(latencies, 95):.2f}s, useful {gflops:.1f} GFLOP/s",
             flush=True,
         )

@@ -154,6 +154,23 @@ def _row_bucket(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(0, n - 1).bit_length())
 
 
+def _prompt_groups(chunk: Sequence[_Row], size: int, batch_size: int) -> dict[str, np.ndarray]:
+    """`prompt_rows`/`prompt_index` of a batch whose rows repeat prompts ({} if none repeats)."""
+    group_of: dict[int, int] = {}  # id(prompt array) -> group
+    first_rows: list[int] = []
+    index = np.zeros(size, np.int32)  # padding rows: group 0 (they are fully masked)
+    for i, row in enumerate(chunk):
+        if id(row.prompt) not in group_of:
+            group_of[id(row.prompt)] = len(first_rows)
+            first_rows.append(i)
+        index[i] = group_of[id(row.prompt)]
+    if len(first_rows) == len(chunk):
+        return {}
+    rows = np.zeros(_row_bucket(len(first_rows), batch_size), np.int32)  # few compiled shapes
+    rows[: len(first_rows)] = first_rows
+    return {"prompt_rows": rows, "prompt_index": index}
+
+
 def _library(library: Any) -> Any:
     if library is None or not isinstance(library, (str, os.PathLike)):
         return library
@@ -201,7 +218,7 @@ class Predictor:
         self._answer_ids: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self.stats = {"batches": 0, "rows": 0, "padded_rows": 0, "shared_prompt_batches": 0,
-                      "cache_hits": 0, "cache_misses": 0}
+                      "grouped_prompt_batches": 0, "cache_hits": 0, "cache_misses": 0}
 
     # ---- prompts ---------------------------------------------------------------------------
 
@@ -365,7 +382,9 @@ class Predictor:
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The prompt and a left-padded batch (see spot.backbones.base): one [L, d] prompt when
         every row has the same one (the backbone then runs it once, as a shared prefix, where
-        its fast path can), else per-row prompts [B, L, d]."""
+        its fast path can), else per-row prompts [B, L, d]; when some rows share a prompt, the
+        batch also names the groups (`prompt_rows`: first row of each distinct prompt, padded to
+        a power of two; `prompt_index`: each row's group) so each distinct prompt runs once."""
         size = self._rows_for(len(chunk))
         c = max(len(r.answers) for r in chunk)
         if k == 1:  # extra choices are free on the one-pass path: bucket them too
@@ -396,6 +415,8 @@ class Predictor:
             "choice_mask": choice_mask,
             "labels": np.zeros(size, np.int32),
         }
+        if not shared:
+            batch.update(_prompt_groups(chunk, size, self.batch_size))
         return prompt, batch
 
     def _run(self, prompt: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -410,6 +431,7 @@ class Predictor:
             self.stats["rows"] += len(chunk)
             self.stats["padded_rows"] += batch["tokens"].shape[0] - len(chunk)
             self.stats["shared_prompt_batches"] += int(prompt.ndim == 2)
+            self.stats["grouped_prompt_batches"] += int("prompt_index" in batch)
         return scores[: len(chunk)]
 
     # ---- public entry points ---------------------------------------------------------------

@@ -98,6 +98,29 @@ def test_fast_path_multi_token_answers_and_bos():
     assert_paths_agree(b, llama.FAST, MULTI, ("shared", "per_row"))
 
 
+@pytest.mark.parametrize("bos,examples", [(False, EXAMPLES), (True, MULTI * 2)], ids=["one-token", "multi"])
+def test_prompt_groups_equal_per_row_prompts(bos, examples):
+    """Per-row prompts in groups of equal rows (`prompt_rows`, `prompt_index`, as spot.serve
+    sends them) run each distinct prompt once as a prefix; scores equal the plain per-row path.
+    The first-rows array is padded with a repeat (an unused prefix stream), as serving pads it."""
+    from conftest import make_tiny_llama
+
+    b = make_tiny_llama(bos=bos)
+    distinct = prompts(b.d_model)["per_row"][:2]
+    index = np.arange(len(examples)) % 2  # rows 0, 2, ... share prompt 0; 1, 3, ... prompt 1
+    per_row = distinct[index]
+    batch = batch_for(b, examples)
+    grouped = dict(batch, prompt_rows=np.array([0, 1, 0, 0], np.int32),
+                   prompt_index=index.astype(np.int32))
+    score, plain = fns(b, llama.FAST)[0], fns(b, None)[0]
+    np.testing.assert_allclose(score(b.params, per_row, grouped), plain(b.params, per_row, batch),
+                               atol=1e-5)
+    # the groups are what the rows read: swapped groups give other scores
+    swapped = dict(grouped, prompt_index=(1 - index).astype(np.int32))
+    assert not np.allclose(score(b.params, per_row, swapped), plain(b.params, per_row, batch),
+                           atol=1e-3)
+
+
 @pytest.mark.parametrize("bos,examples", [(False, EXAMPLES), (True, MULTI)], ids=["one-token", "multi"])
 def test_packed_batches_equal_padded_batches(bos, examples):
     from conftest import make_tiny_llama

@@ -76,6 +76,7 @@ def test_mixed_batch_equals_each_task_alone(setup):
     mixed = _mixed_requests(tasks)
     predictions = predictor.predict([r for _, _, r in mixed])
     mixed_batches = predictor.stats["batches"]
+    assert predictor.stats["grouped_prompt_batches"] > 0  # rows of one task share a prefix pass
     # reference: the evaluation path, one task and one shared [L, d] prompt at a time
     reference = {
         name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")), 8)

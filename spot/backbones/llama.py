@@ -314,51 +314,57 @@ def _mlp_residual(cfg: LlamaConfig, w, x: jax.Array, fuse: bool) -> jax.Array:
     return x + (jax.nn.silu(gate) * up) @ mlp["down"]["kernel"]
 
 
-def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None):
-    """One block over the prefix stream [1, p, d] (or None) and the rows [b, t, d].
+def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None, groups=None):
+    """One block over the prefix streams [n, p, d] (or None) and the rows [b, t, d].
 
-    Both streams share every matmul (their rows are concatenated). With `cols=(lo, hi)` (the last
-    layer) only row columns lo:hi are computed to the end and the prefix output is dropped:
-    returns (None, [b, hi - lo, d]); otherwise (new prefix, [b, t, d]).
+    Row i attends to prefix `groups[i]` ([b] int; None: the one prefix, n = 1). All streams share
+    every matmul (their rows are concatenated). With `cols=(lo, hi)` (the last layer) only row
+    columns lo:hi are computed to the end and the prefix output is dropped: returns
+    (None, [b, hi - lo, d]); otherwise (new prefix, [b, t, d]).
     """
     b, t, d = x.shape
     nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn = w["attn"]
-    p = 0 if prefix is None else prefix.shape[1]
+    n, p = (0, 0) if prefix is None else prefix.shape[:2]
     rows = x.reshape(b * t, d)
     if p:
-        rows = jnp.concatenate([prefix.reshape(p, d), rows])
+        rows = jnp.concatenate([prefix.reshape(n * p, d), rows])
     h = _rms(rows, w["attn_norm"]["scale"], cfg.rms_eps)
     kernels = [attn["q"]["kernel"], attn["k"]["kernel"], attn["v"]["kernel"]]
     table_p, table_x = tables
     bias_p, bias_x = biases
+    m = n * p  # prefix rows
     if cols is None:
         q, k, v = _project(h, kernels, fuse)
-        qx, tq, x_out = q[p:], t, x
+        qx, tq, x_out = q[m:], t, x
     else:
         lo, hi = cols
         k, v = _project(h, kernels[1:], fuse)
         tq = hi - lo
-        qx = h[p:].reshape(b, t, d)[:, lo:hi].reshape(b * tq, d) @ attn["q"]["kernel"]
+        qx = h[m:].reshape(b, t, d)[:, lo:hi].reshape(b * tq, d) @ attn["q"]["kernel"]
         table_x = tuple(c[:, lo:hi] for c in table_x)
         bias_x, x_out = bias_x[:, lo:hi], x[:, lo:hi]
     qx = _rope(qx.reshape(b, tq, nh, hd), table_x)
-    keys = _rope(k[p:].reshape(b, t, kvh, hd), tables[1])
-    values = v[p:].reshape(b, t, kvh, hd)
+    keys = _rope(k[m:].reshape(b, t, kvh, hd), tables[1])
+    values = v[m:].reshape(b, t, kvh, hd)
     if p:
-        kp = _rope(k[:p].reshape(1, p, kvh, hd), table_p)
-        vp = v[:p].reshape(1, p, kvh, hd)
-        keys = jnp.concatenate([jnp.broadcast_to(kp, (b, p, kvh, hd)), keys], axis=1)
-        values = jnp.concatenate([jnp.broadcast_to(vp, (b, p, kvh, hd)), values], axis=1)
+        kp = _rope(k[:m].reshape(n, p, kvh, hd), table_p)
+        vp = v[:m].reshape(n, p, kvh, hd)
+        if groups is None:  # [n = 1, p, ...] -> every row
+            row_kp, row_vp = (jnp.broadcast_to(a, (b, p, kvh, hd)) for a in (kp, vp))
+        else:  # each row its own prefix
+            row_kp, row_vp = kp[groups], vp[groups]
+        keys = jnp.concatenate([row_kp, keys], axis=1)
+        values = jnp.concatenate([row_vp, values], axis=1)
     out = _attend(cfg, qx, keys, values, bias_x)
     residual = x_out.reshape(b * tq, d)
     if p and cols is None:
-        qp = _rope(q[:p].reshape(1, p, nh, hd), table_p)
+        qp = _rope(q[:m].reshape(n, p, nh, hd), table_p)
         out = jnp.concatenate([_attend(cfg, qp, kp, vp, bias_p), out])
-        residual = jnp.concatenate([prefix.reshape(p, d), residual])
+        residual = jnp.concatenate([prefix.reshape(m, d), residual])
     rows = _mlp_residual(cfg, w, residual + out @ attn["o"]["kernel"], fuse)
     if p and cols is None:
-        return rows[:p].reshape(1, p, d), rows[p:].reshape(b, t, d)
+        return rows[:m].reshape(n, p, d), rows[m:].reshape(b, t, d)
     return None, rows.reshape(b, tq, d)
 
 
@@ -372,9 +378,12 @@ def _fast_hidden(
     cols: tuple[int, int] | None = None,
     opts: _FastOptions = FAST,
     slots: int = 0,
+    groups: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic.
-    `slots` > 0: run the real tokens as one packed stream of that static size (must hold them)."""
+    `slots` > 0: run the real tokens as one packed stream of that static size (must hold them).
+    `groups` = (first rows [n], group of each row [b]) for per-row prompts [b, L, d] whose rows
+    within a group are equal: each distinct prompt then runs once, as its group's prefix."""
     cfg = config
     embed = params["embed"]["embedding"]
     b, t = tokens.shape
@@ -383,8 +392,11 @@ def _fast_hidden(
     if bos_id is not None:
         shared.append(embed[jnp.asarray([bos_id])])
     x, x_mask = embed[tokens], mask
+    group_index = None
     if prompt.ndim == 2 and opts.share_prefix:
         shared.append(prompt)
+    elif groups is not None and opts.share_prefix:
+        first_rows, group_index = groups
     else:
         rows_prompt = broadcast_prompt(prompt, b)
         if not opts.share_prefix and shared:  # BOS per row too (ablation of the shared prefix)
@@ -394,11 +406,18 @@ def _fast_hidden(
         x = jnp.concatenate([rows_prompt, x], axis=1)
         x_mask = jnp.concatenate([jnp.ones(rows_prompt.shape[:2], mask.dtype), mask], axis=1)
     prefix = jnp.concatenate(shared)[None] if shared else None
+    if group_index is not None:  # one prefix stream per distinct prompt: [n, p, d]
+        distinct = prompt[first_rows]
+        if prefix is not None:
+            prefix = jnp.broadcast_to(prefix, (distinct.shape[0], *prefix.shape[1:]))
+            distinct = jnp.concatenate([prefix, distinct], axis=1)
+        prefix = distinct
     p, tx = (0 if prefix is None else prefix.shape[1]), x.shape[1]
     prefix = prefix if p else None  # an empty shared prompt
     # positions: the prefix is all real tokens, so rows continue from p (as cumsum over the whole)
     pos_x = jnp.maximum(p + jnp.cumsum(x_mask, axis=-1) - 1, 0).astype(jnp.int32)
-    slots = slots if tx == t else 0  # `slots` does not count per-row prompts: those run padded
+    # `slots` counts neither per-row prompts nor group prefixes: those batches run padded
+    slots = slots if tx == t and group_index is None else 0
     if slots:
         index, x, pos_x, bias_x = _pack(x, x_mask, pos_x, slots)
     else:
@@ -421,12 +440,12 @@ def _fast_hidden(
     xs = jax.tree_util.tree_map(lambda a: a[:-1], layers) if prune_last else layers
 
     def body(carry, w):
-        return _layer(cfg, opts.fuse, w, *carry, tables, biases), None
+        return _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=group_index), None
 
     (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
     if prune_last:
         w = jax.tree_util.tree_map(lambda a: a[-1], layers)
-        _, x = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, cols=(lo, hi))
+        _, x = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, (lo, hi), group_index)
     elif slots:  # [1, slots, d] -> [b, tx, d]; columns without a token stay zero
         x = jnp.zeros((b * tx, cfg.d_model), x.dtype).at[index].set(x[0], mode="drop")
         x = x.reshape(b, tx, cfg.d_model)[:, lo:hi]
@@ -452,18 +471,27 @@ def _pack(x: jax.Array, mask: jax.Array, positions: jax.Array, slots: int):
     return index, x.reshape(b * t, d)[source][None], positions.reshape(-1)[source][None], bias
 
 
-def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts, slots=0):
+def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts, slots=0, groups=None):
     """Hidden states of token columns lo:hi: fast path unless dropout is active."""
     if opts is None or (rng is not None and config.dropout_rate > 0):
         hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, rng)
         return hidden if cols is None else hidden[:, cols[0] : cols[1]]
     slots = slots if opts.pack else 0
-    return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts, slots)
+    return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts, slots, groups)
 
 
 def _slots(batch: Batch) -> int:
     """Static packed-stream size of a packed batch (0: run the padded layout)."""
     return batch["pack"].shape[0] if "pack" in batch else 0
+
+
+def _groups(batch: Batch, repeats: int = 1):
+    """(first rows, group of each row) of a batch whose per-row prompts come in groups of equal
+    rows (`prompt_rows` [n], `prompt_index` [b]; see `spot.serve`), for rows repeated `repeats`
+    times each; None without them."""
+    if "prompt_index" not in batch:
+        return None
+    return batch["prompt_rows"] * repeats, jnp.repeat(batch["prompt_index"], repeats)
 
 
 def _answer_log_probs(config, params, hidden, answers):
@@ -510,7 +538,7 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
         if k == 1:  # one token per answer: one pass over the context, read the last position
             t = batch["tokens"].shape[1]
             hidden = _hidden(config, params, prompt, batch["tokens"], batch["mask"], bos_id, None,
-                             (t - 1, t), _opts, _slots(batch))
+                             (t - 1, t), _opts, _slots(batch), _groups(batch))
             last = jnp.broadcast_to(hidden, (n, c, hidden.shape[-1]))
             log_probs = _answer_log_probs(config, params, last, choices[..., 0])
             return log_probs * choice_mask[..., 0]
@@ -523,7 +551,7 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
         tokens, mask = _with_answers(tokens, mask, answers, answer_mask)
         t = tokens.shape[1]
         hidden = _hidden(config, params, prompt, tokens, mask, bos_id, None, (t - k, t), _opts,
-                         c * _slots(batch))  # each row c times: c x the stream holds them
+                         c * _slots(batch), _groups(batch, c))  # each row c times
         log_probs = _answer_log_probs(config, params, hidden, answers)
         return jnp.sum(log_probs * answer_mask, axis=-1).reshape(n, c)
 
