@@ -18,8 +18,10 @@ result); multi-token answers repeat the context once per choice, so they group b
 choices, answer length rounded up to a multiple of 4).
 Inside a group rows are sorted by context length and cut into batches of at most `batch_size`
 rows; the context is left-padded to a multiple of `bucket` tokens and the row count rounded up
-to a power of two, so few shapes ever compile. Each batch is ONE forward pass with per-row
-prompts `[B, L, d]` (see `spot.backbones.base`).
+to a power of two, so few shapes ever compile. Each batch is ONE forward pass: with one
+`[L, d]` prompt when all its rows share it, else with per-row prompts `[B, L, d]` (see
+`spot.backbones.base`) plus the groups of rows that share a prompt, so a backbone that can
+(the Llama fast path) runs each distinct prompt once and lets its rows attend to it.
 
 Prompts: `Predictor(backbone, library, prompts)`. A prompt id is a `library.Library` entry id; its
 value is loaded once and kept in an in-memory LRU keyed by entry id. A task name resolves to the
