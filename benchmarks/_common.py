@@ -108,3 +108,38 @@ def train_flops(forward: dict[str, float]) -> float:
 
 def gflops(x: float) -> str:
     return f"{x / 1e9:.1f}"
+
+
+# fp32 GEMM peak of this machine, timed in the same process as what it is compared with
+GEMM_N, GEMM_CALLS = 2048, 4
+PEAKS = ("numpy sgemm", "XLA sgemm")
+
+
+def gemm_variants() -> dict:
+    """fp32 2048^3 GEMMs (numpy's BLAS and XLA), each variant call = GEMM_CALLS products; they
+    run inside the same rounds as the measured steps, so the peak sees the same machine load."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((GEMM_N, GEMM_N), dtype=np.float32) for _ in range(2))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    xla_dot = jax.jit(jnp.dot)
+    xla_dot(ja, jb).block_until_ready()
+
+    def numpy_gemm():
+        for _ in range(GEMM_CALLS):
+            a @ b
+
+    def xla_gemm():
+        for _ in range(GEMM_CALLS):
+            xla_dot(ja, jb).block_until_ready()
+
+    return {"numpy sgemm": numpy_gemm, "XLA sgemm": xla_gemm}
+
+
+def gemm_peak(repeats: int = 3) -> float:
+    """GFLOP/s of the faster of the two GEMM variants, median of `repeats` calls each."""
+    flop = 2 * GEMM_N**3 * GEMM_CALLS
+    return max(flop / float(np.median([timed(fn) for _ in range(repeats)])) / 1e9
+               for fn in gemm_variants().values())

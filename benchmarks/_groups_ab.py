@@ -18,14 +18,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_bench import TASKS  # noqa: E402
+from serve_bench import TASKS, publish_stand_ins, request_stream  # noqa: E402
 
 from library import Library  # noqa: E402
 from spot import backbones  # noqa: E402
-from spot.evaluation import subset  # noqa: E402
-from spot.prompts import sampled_vocab  # noqa: E402
-from spot.serve import Predictor, Request  # noqa: E402
-from spot.tasks import get_task  # noqa: E402
+from spot.serve import Predictor  # noqa: E402
 
 
 class Ungrouped(Predictor):
@@ -40,16 +37,11 @@ class Ungrouped(Predictor):
 
 def main() -> None:
     backbone = backbones.load()
-    rng = np.random.default_rng(0)
-    stream = [Request(e.text, task=name) for name in TASKS
-              for e in subset(get_task(name).load("test"), 64, seed=0)]
-    stream = [stream[i] for i in rng.permutation(len(stream))]
+    stream = request_stream(TASKS, 64, seed=0)
     windows = [stream[s : s + 16] for s in range(0, len(stream), 16)]
     with tempfile.TemporaryDirectory() as tmp:
         library = Library(Path(tmp) / "library")
-        for i, name in enumerate(TASKS):
-            meta = {"task": name, "backbone": backbone.identity, "init": "sampled_vocab", "seed": i}
-            library.publish(sampled_vocab(backbone, 20, 1000 + i), sampled_vocab(backbone, 20, i), meta)
+        publish_stand_ins(library, backbone, TASKS, 20)
         options = dict(batch_size=16, bucket=32, max_length=64)
         predictors = {"grouped": Predictor(backbone, library, **options),
                       "ungrouped": Ungrouped(backbone, library, **options)}

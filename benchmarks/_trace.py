@@ -72,6 +72,21 @@ def describe(op: str, hlo: str) -> str:
     return f"{op.split('.')[0]:36s} {line.group(1).split('{')[0]:26s} {source[-60:]}"
 
 
+def category(description: str) -> str:
+    """The coarse group of an op line (the table in benchmarks/README.md, optimisation 8)."""
+    kind, shape = (description.split() + [""])[:2]
+    if kind == "ynn_fusion" and re.fullmatch(r"f32\[\d+,(576|1536|192)\]", shape):
+        return "projection matmuls"
+    if ("dynamic-slice" in kind or "dynamic-update-slice" in kind
+            or (kind.startswith(("wrapped_broadcast", "copy")) and shape.startswith("f32[30,"))):
+        return "scan bookkeeping (weight slices, residual stacks)"
+    if "49152" in shape or re.fullmatch(r"f32\[\d+,576\]", shape) and "logits" in description:
+        return "answer logits"
+    if re.search(r"\b(3|9),|,(3|9),|768|,20,20\]|,60,20\]", shape):
+        return "attention"
+    return "other (norms, rotary, SiLU, residual adds, gradient sums)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2)
@@ -100,6 +115,11 @@ def main() -> None:
         grouped[describe(op, hlo)] += us
     total = sum(grouped.values())
     print(f"traced ops: {total / 1e3:.0f} ms of wall time over {args.steps} steps")
+    coarse: dict[str, float] = collections.defaultdict(float)
+    for name, us in grouped.items():
+        coarse[category(name)] += us
+    for name, us in sorted(coarse.items(), key=lambda kv: -kv[1]):
+        print(f"{us / 1e3 / args.steps:8.0f} ms/step {100 * us / total:5.1f}%  {name}")
     for name, us in sorted(grouped.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"{us / 1e3:8.1f} ms {100 * us / total:5.1f}%  {name}")
 

@@ -32,6 +32,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from _common import (  # noqa: E402
+    GEMM_CALLS,
+    GEMM_N,
+    PEAKS,
+    gemm_variants,
     gflops,
     interleaved,
     llama_forward_flops,
@@ -154,30 +158,6 @@ class PeftScore:
 
 
 # ----------------------------------------------------------------------------- measurements
-GEMM_N, GEMM_CALLS = 2048, 4
-PEAKS = ("numpy sgemm", "XLA sgemm")
-
-
-def gemm_variants() -> dict:
-    """fp32 2048^3 GEMMs (numpy's BLAS and XLA), each variant call = GEMM_CALLS products; they
-    run inside the same rounds as the measured steps, so the peak sees the same machine load."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((GEMM_N, GEMM_N), dtype=np.float32) for _ in range(2))
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    xla_dot = jax.jit(jnp.dot)
-    xla_dot(ja, jb).block_until_ready()
-
-    def numpy_gemm():
-        for _ in range(GEMM_CALLS):
-            a @ b
-
-    def xla_gemm():
-        for _ in range(GEMM_CALLS):
-            xla_dot(ja, jb).block_until_ready()
-
-    return {"numpy sgemm": numpy_gemm, "XLA sgemm": xla_gemm}
-
-
 def peak_per_round(times) -> np.ndarray:
     """GFLOP/s of the faster GEMM in each round."""
     flop = 2 * GEMM_N**3 * GEMM_CALLS

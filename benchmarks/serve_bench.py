@@ -48,7 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import llama_forward_flops  # noqa: E402
+from _common import gemm_peak, llama_forward_flops  # noqa: E402
 
 from library import Library  # noqa: E402
 from spot import backbones  # noqa: E402
@@ -119,31 +119,25 @@ def request_flops(backbone, text: str, prompt_length: int, max_length: int) -> t
     return full, full - prefix_only
 
 
-def gemm_gflops(repeats: int = 5, n: int = 2048) -> float:
-    """Median GFLOP/s of an fp32 n^3 GEMM, the faster of numpy's BLAS and XLA (this process,
-    this machine load)."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    ja = jax.numpy.asarray(a)
-    dot = jax.jit(jax.numpy.dot)
-    best = 0.0
-    for run in (lambda: a @ a, lambda: dot(ja, ja).block_until_ready()):
-        run()
-        seconds = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - started)
-        best = max(best, 2 * n**3 / float(np.median(seconds)) / 1e9)
-    return best
+def request_stream(tasks, per_task: int, seed: int) -> list[Request]:
+    """`per_task` test rows of each task as requests, shuffled into one arrival order."""
+    stream = []
+    for name in tasks:
+        examples = subset(get_task(name).load("test"), per_task, seed=seed)
+        stream += [Request(e.text, task=name) for e in examples]
+    return [stream[i] for i in np.random.default_rng(seed).permutation(len(stream))]
+
+
+def publish_stand_ins(library, backbone, tasks, prompt_length: int) -> None:
+    """One key/value entry per task: sampled-vocabulary inits standing in for trained prompts."""
+    for i, name in enumerate(tasks):
+        meta = {"task": name, "backbone": backbone.identity, "init": "sampled_vocab", "seed": i}
+        library.publish(sampled_vocab(backbone, prompt_length, 1000 + i),
+                        sampled_vocab(backbone, prompt_length, i), meta)
 
 
 def throughput(args, backbone, library) -> dict:
-    rng = np.random.default_rng(args.seed)
-    stream = []
-    for name in args.tasks:
-        examples = subset(get_task(name).load("test"), args.per_task, seed=args.seed)
-        stream += [Request(e.text, task=name) for e in examples]
-    stream = [stream[i] for i in rng.permutation(len(stream))]
+    stream = request_stream(args.tasks, args.per_task, args.seed)
     windows = [
         list(enumerate(stream))[s : s + args.window] for s in range(0, len(stream), args.window)
     ]
@@ -172,7 +166,7 @@ def throughput(args, backbone, library) -> dict:
     needs = [request_flops(backbone, r.text, args.prompt_length, args.max_length) for r in stream]
     useful = [full for full, _ in needs]
     cached = sum(c for _, c in needs) / sum(useful)
-    peaks = [gemm_gflops()]
+    peaks = [gemm_peak()]
     results, answers, window_seconds = {}, {}, {}
     for name, predictor in predictors.items():
         predictor.stats.update(batches=0, rows=0, padded_rows=0, shared_prompt_batches=0,
@@ -209,7 +203,7 @@ def throughput(args, backbone, library) -> dict:
             f"p95 {np.percentile(latencies, 95):.2f}s, useful {gflops:.1f} GFLOP/s",
             flush=True,
         )
-    peaks.append(gemm_gflops())
+    peaks.append(gemm_peak())
     peak = float(np.median(peaks))
     print(f"fp32 GEMM peak (numpy or XLA, 2048^3, before and after): {peaks[0]:.1f}, {peaks[1]:.1f} GFLOP/s")
     for name, result in results.items():
@@ -218,7 +212,8 @@ def throughput(args, backbone, library) -> dict:
               f"FLOPs: no strategy that runs each request's prompt can beat it by more than "
               f"{1 / result['share_of_gemm_peak']:.2f}x, one with cached prompt states by more than "
               f"{1 / result['share_of_gemm_peak'] / cached:.2f}x")
-    print(f"cached prompt states would leave {100 * cached:.0f}% of the useful FLOPs")
+    print(f"useful work {sum(useful) / len(useful) / 1e9:.2f} GFLOP per request; cached prompt "
+          f"states would leave {100 * cached:.1f}% of it")
     disagreements, max_diff = 0, 0.0
     for by_strategy in answers.values():
         reference = by_strategy["mixed"]
@@ -326,13 +321,7 @@ def main() -> None:
     out = {"backbone": backbone.identity, "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         library = Library(Path(tmp) / "library")
-        for i, name in enumerate(args.tasks):  # stand-in prompts: sampled-vocabulary inits
-            meta = {"task": name, "backbone": backbone.identity, "init": "sampled_vocab", "seed": i}
-            library.publish(
-                sampled_vocab(backbone, args.prompt_length, 1000 + i),
-                sampled_vocab(backbone, args.prompt_length, i),
-                meta,
-            )
+        publish_stand_ins(library, backbone, args.tasks, args.prompt_length)
         if not args.no_throughput:
             out["throughput"] = throughput(args, backbone, library)
         if not args.no_ensemble:

@@ -156,21 +156,17 @@ def _row_bucket(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(0, n - 1).bit_length())
 
 
-def _prompt_groups(chunk: Sequence[_Row], size: int, batch_size: int) -> dict[str, np.ndarray]:
-    """`prompt_rows`/`prompt_index` of a batch whose rows repeat prompts ({} if none repeats)."""
+def _prompt_groups(chunk: Sequence[_Row]) -> tuple[list[int], np.ndarray]:
+    """(first row of each distinct prompt, each row's group) of a batch's rows."""
     group_of: dict[int, int] = {}  # id(prompt array) -> group
     first_rows: list[int] = []
-    index = np.zeros(size, np.int32)  # padding rows: group 0 (they are fully masked)
+    index = np.zeros(len(chunk), np.int32)
     for i, row in enumerate(chunk):
         if id(row.prompt) not in group_of:
             group_of[id(row.prompt)] = len(first_rows)
             first_rows.append(i)
         index[i] = group_of[id(row.prompt)]
-    if len(first_rows) == len(chunk):
-        return {}
-    rows = np.zeros(_row_bucket(len(first_rows), batch_size), np.int32)  # few compiled shapes
-    rows[: len(first_rows)] = first_rows
-    return {"prompt_rows": rows, "prompt_index": index}
+    return first_rows, index
 
 
 def _library(library: Any) -> Any:
@@ -397,7 +393,8 @@ class Predictor:
         mask = np.zeros((size, length), np.int32)
         choices = np.full((size, c, k), pad, np.int32)
         choice_mask = np.zeros((size, c, k), np.int32)
-        shared = all(row.prompt is chunk[0].prompt for row in chunk)
+        first_rows, groups = _prompt_groups(chunk)
+        shared = len(first_rows) == 1
         prompt = chunk[0].prompt if shared else np.empty((size, *chunk[0].prompt.shape), np.float32)
         for i, row in enumerate(chunk):
             context = row.context[-length:]
@@ -417,8 +414,11 @@ class Predictor:
             "choice_mask": choice_mask,
             "labels": np.zeros(size, np.int32),
         }
-        if not shared:
-            batch.update(_prompt_groups(chunk, size, self.batch_size))
+        if 1 < len(first_rows) < len(chunk):  # some rows share a prompt: name the groups
+            batch["prompt_rows"] = np.zeros(_row_bucket(len(first_rows), self.batch_size), np.int32)
+            batch["prompt_rows"][: len(first_rows)] = first_rows  # padded: few compiled shapes
+            batch["prompt_index"] = np.zeros(size, np.int32)  # padding rows: group 0 (masked)
+            batch["prompt_index"][: len(chunk)] = groups
         return prompt, batch
 
     def _run(self, prompt: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:

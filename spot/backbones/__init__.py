@@ -26,7 +26,8 @@ DEFAULT_BACKBONE = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VERSION = 1  # bump when the GGUF conversion changes: stale caches are rebuilt
 
-__all__ = ["Backbone", "BackboneError", "DEFAULT_BACKBONE", "check_prompt", "load", "names"]
+__all__ = ["Backbone", "BackboneError", "DEFAULT_BACKBONE", "check_prompt",
+           "enable_compilation_cache", "load", "names"]
 
 
 def names() -> list[str]:
