@@ -16,16 +16,17 @@ next one. Within a window:
     per-task      one call per task present in the window, one after another (a batch holds
                   one task's rows only); rows rounded up to a power of two like `mixed`
     per-task-fixed  the same, but every batch padded to `--batch-size` rows, as
-                  `spot.evaluation` pads its batches (one compiled shape per length)
+                  `spot.evaluation` pads its batches (one compiled shape per length; a batch
+                  that runs packed pays nothing for its padding rows)
     single        one call per request (batch of 1)
-Throughput = requests / wall time of the timed pass (after a warm-up that compiles every shape
-the pass will use); useful GFLOP/s = the matmul FLOPs each served request needs (its prompt, BOS
-and context tokens through every layer, one row of answer logits; no padding counted) / wall time,
-as a share of an fp32 2048^3 GEMM (numpy or XLA, the faster) timed in the same run. A strategy
-at share s cannot be beaten by more than 1/s by any strategy that also runs each request's
-prompt, nor by more than 1/(s c) by one that caches each task's prompt states (c: the share of
-the useful FLOPs left without the prompt rows). Latency = time from the window's start to the end
-of the call answering the request. The slow `per-task-fixed` and `single` are timed on the first `--sample-windows` windows
+Every strategy uses `Predictor`'s defaults: each task's prompt runs once into cached prefix
+states (keys/values per layer) that its rows attend to. Throughput = requests / wall time of the
+timed pass (after a warm-up that compiles every shape the pass will use and fills the state
+cache); useful GFLOP/s = the matmul FLOPs each served request needs with cached prompt states
+(its context tokens through every layer, attending to BOS + prompt, one row of answer logits; no
+padding counted) / wall time, as a share of an fp32 2048^3 GEMM (numpy or XLA, the faster) timed
+in the same run: no strategy can beat one at share s by more than 1/s. Latency = time from the
+window's start to the end of the call answering the request. The slow `per-task-fixed` and `single` are timed on the first `--sample-windows` windows
 only, and every ratio compares wall times on the same windows. All strategies must agree on
 every prediction (checked).
 
@@ -73,8 +74,8 @@ class DryRun(Predictor):
     shapes: dict[tuple, tuple[np.ndarray, dict]] = {}  # shared by every dry run
 
     def _run(self, prompt, batch):
-        shape = (prompt.shape, *(batch[k].shape for k in ("tokens", "choices")),
-                 batch["prompt_rows"].shape if "prompt_rows" in batch else None)
+        shape = (tuple(np.shape(a) for a in jax.tree_util.tree_leaves(prompt)),
+                 *((key, array.shape) for key, array in sorted(batch.items())))
         self.shapes.setdefault(shape, (prompt, batch))
         return np.zeros(batch["choices"].shape[:2], np.float32)
 
@@ -91,7 +92,7 @@ def serve(strategy: str, predictor: Predictor, window: list[tuple[int, Request]]
         predictions = predictor.predict([r for _, r in window])
         done = time.perf_counter() - start
         out = [(i, p, done) for (i, _), p in zip(window, predictions, strict=True)]
-    elif strategy.startswith("per-task"):
+    elif strategy in ("per-task", "per-task-fixed"):
         tasks = list(dict.fromkeys(r.task for _, r in window))
         for task in tasks:
             rows = [(i, r) for i, r in window if r.task == task]
@@ -108,15 +109,15 @@ def serve(strategy: str, predictor: Predictor, window: list[tuple[int, Request]]
 
 
 def request_flops(backbone, text: str, prompt_length: int, max_length: int) -> tuple[float, float]:
-    """Matmul FLOPs one request needs: (BOS + prompt + its truncated context through the model,
-    logits at the last position; the same without the prompt's own rows, i.e. if each task's
-    prompt states were computed once and cached, which `Predictor` does not do)."""
+    """Matmul FLOPs one request needs: (with its prompt's states cached: its truncated context
+    through the model attending to BOS + prompt, logits at the last position; the same plus the
+    prompt's own rows, i.e. running the prompt for this request)."""
     context = len(backbone.tokenizer.encode(text, add_special_tokens=False).ids[-max_length:])
     prefix = (backbone.bos_id is not None) + prompt_length
     cfg = backbone.config
     full = sum(llama_forward_flops(cfg, 1, context, prefix, True, None, 1).values())
     prefix_only = sum(llama_forward_flops(cfg, 0, context, prefix, True, None, 0).values())
-    return full, full - prefix_only
+    return full - prefix_only, full
 
 
 def request_stream(tasks, per_task: int, seed: int) -> list[Request]:
@@ -164,13 +165,13 @@ def throughput(args, backbone, library) -> dict:
     print(f"warm-up: {len(shapes)} batch shapes compiled and run in {warmup:.0f}s", flush=True)
 
     needs = [request_flops(backbone, r.text, args.prompt_length, args.max_length) for r in stream]
-    useful = [full for full, _ in needs]
-    cached = sum(c for _, c in needs) / sum(useful)
+    useful = [cached for cached, _ in needs]
+    cached = sum(useful) / sum(full for _, full in needs)
     peaks = [gemm_peak()]
     results, answers, window_seconds = {}, {}, {}
     for name, predictor in predictors.items():
         predictor.stats.update(batches=0, rows=0, padded_rows=0, shared_prompt_batches=0,
-                               grouped_prompt_batches=0)
+                               grouped_prompt_batches=0, prefix_state_batches=0, packed_batches=0)
         latencies, served, window_seconds[name] = [], 0, []
         for window in timed_windows[name]:
             started = time.perf_counter()
@@ -190,6 +191,8 @@ def throughput(args, backbone, library) -> dict:
             "padded_rows": predictor.stats["padded_rows"],
             "shared_prompt_batches": predictor.stats["shared_prompt_batches"],
             "grouped_prompt_batches": predictor.stats["grouped_prompt_batches"],
+            "prefix_state_batches": predictor.stats["prefix_state_batches"],
+            "packed_batches": predictor.stats["packed_batches"],
             "mean_latency_s": float(np.mean(latencies)),
             "p95_latency_s": float(np.percentile(latencies, 95)),
             "useful_gflops_per_s": gflops,
@@ -199,7 +202,10 @@ def throughput(args, backbone, library) -> dict:
             f"{served / wall:6.2f} req/s, {predictor.stats['batches']} batches "
             f"({predictor.stats['padded_rows']} padding rows, "
             f"{predictor.stats['shared_prompt_batches']} with one shared prompt, "
-            f"{predictor.stats['grouped_prompt_batches']} with prompt groups), latency mean {np.mean(latencies):.2f}s "
+            f"{predictor.stats['grouped_prompt_batches']} with prompt groups, "
+            f"{predictor.stats['prefix_state_batches']} from cached prompt states, "
+            f"{predictor.stats['packed_batches']} packed), "
+            f"latency mean {np.mean(latencies):.2f}s "
             f"p95 {np.percentile(latencies, 95):.2f}s, useful {gflops:.1f} GFLOP/s",
             flush=True,
         )
@@ -209,11 +215,9 @@ def throughput(args, backbone, library) -> dict:
     for name, result in results.items():
         result["share_of_gemm_peak"] = result["useful_gflops_per_s"] / peak
         print(f"{name:>15}: {100 * result['share_of_gemm_peak']:.0f}% of the GEMM peak in useful "
-              f"FLOPs: no strategy that runs each request's prompt can beat it by more than "
-              f"{1 / result['share_of_gemm_peak']:.2f}x, one with cached prompt states by more than "
-              f"{1 / result['share_of_gemm_peak'] / cached:.2f}x")
-    print(f"useful work {sum(useful) / len(useful) / 1e9:.2f} GFLOP per request; cached prompt "
-          f"states would leave {100 * cached:.1f}% of it")
+              f"FLOPs: no strategy can beat it by more than {1 / result['share_of_gemm_peak']:.2f}x")
+    print(f"useful work {sum(useful) / len(useful) / 1e9:.2f} GFLOP per request with cached "
+          f"prompt states ({100 * cached:.1f}% of running the prompt per request)")
     disagreements, max_diff = 0, 0.0
     for by_strategy in answers.values():
         reference = by_strategy["mixed"]
@@ -235,7 +239,7 @@ def throughput(args, backbone, library) -> dict:
         "ratios": ratios,
         "warmup_s": warmup,
         "gemm_peak_gflops_per_s": peaks,
-        "work_share_with_cached_prompt_states": cached,
+        "useful_share_of_running_the_prompt": cached,
         "shapes": len(shapes),
         "disagreements": disagreements,
         "max_score_diff": max_diff,

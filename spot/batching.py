@@ -95,6 +95,14 @@ def pack_slots(n_tokens: int) -> int:
     return max(step, -(-n_tokens // step) * step)
 
 
+def packed_slots(lengths: Sequence[int], answers: int, rows: int, length: int, k: int) -> int:
+    """Static size of a packed stream for contexts of these `lengths` (cut to `length`) plus
+    `answers` answer tokens, when packing costs at most PACK_GAIN of the padded layout (`rows`
+    rows of `length` + `k` columns); else 0."""
+    slots = pack_slots(sum(min(n, length) for n in lengths) + answers)
+    return slots if _layout_cost(1, slots) <= PACK_GAIN * _layout_cost(rows, length + k) else 0
+
+
 def make_batch(
     encoded: Encoded, rows: Sequence[int], pad_id: int, bucket: int = 16, max_length: int = 128,
     batch_size: int | None = None, pack: bool = False,
@@ -112,12 +120,9 @@ def make_batch(
     slots = 0
     if pack:
         answers = int(encoded.choice_mask[list(rows)].sum(axis=-1).max(axis=-1).sum())
-        slots = pack_slots(sum(min(len(encoded.contexts[r]), length) for r in rows) + answers)
-        padded = _layout_cost(size, length + encoded.choices.shape[-1])
-        if _layout_cost(1, slots) <= PACK_GAIN * padded:
-            length = max_length
-        else:
-            slots = 0
+        slots = packed_slots([len(encoded.contexts[r]) for r in rows], answers, size, length,
+                             encoded.choices.shape[-1])
+        length = max_length if slots else length
     tokens = np.full((size, length), pad_id, np.int32)
     mask = np.zeros((size, length), np.int32)
     for i, r in enumerate(rows):

@@ -121,6 +121,41 @@ def test_prompt_groups_equal_per_row_prompts(bos, examples):
                            atol=1e-3)
 
 
+@pytest.mark.parametrize("bos,examples", [(False, EXAMPLES), (True, MULTI * 2)], ids=["one-token", "multi"])
+def test_prefix_states_equal_running_the_prompt(bos, examples):
+    """`prefix_states(prompt)` (each layer's keys/values of [BOS] + prompt) scores like the
+    prompt itself: one prompt's states for every row, and n stacked states with each row's
+    `prompt_index` (padded with a repeat, as spot.serve pads them) like per-row prompts."""
+    from conftest import make_tiny_llama
+
+    b = make_tiny_llama(bos=bos)
+    batch = batch_for(b, examples)
+    plain = fns(b, None)[0]
+    shared = prompts(b.d_model)["shared"]
+    states = b.prefix_states(shared)
+    assert states["keys"].shape == (2, 4 + bos, 2, 8)  # [layers, BOS + L, kv heads, head_dim]
+    np.testing.assert_allclose(b.score(states, batch), plain(b.params, shared, batch), atol=1e-5)
+    distinct = prompts(b.d_model)["per_row"][:2]
+    index = (np.arange(len(examples)) % 2).astype(np.int32)
+    each = [b.prefix_states(p) for p in distinct]
+    stacked = {k: jnp.stack([each[0][k], each[1][k], each[0][k], each[0][k]]) for k in states}
+    np.testing.assert_allclose(b.score(stacked, dict(batch, prompt_index=index)),
+                               plain(b.params, distinct[index], batch), atol=1e-5)
+    swapped = b.score(stacked, dict(batch, prompt_index=1 - index))
+    assert not np.allclose(swapped, plain(b.params, distinct[index], batch), atol=1e-3)
+    # packed: one stream of the real tokens, each token masked to its own row's prefix states
+    packed = batch_for(b, examples, pack=True)
+    assert "pack" in packed
+    np.testing.assert_allclose(b.score(stacked, dict(packed, prompt_index=index)),
+                               plain(b.params, distinct[index], batch), atol=1e-5)
+
+
+def test_prefix_states_need_the_fast_path(tiny_llama):
+    states = tiny_llama.prefix_states(prompts(tiny_llama.d_model)["shared"])
+    with pytest.raises(ValueError, match="fast path"):
+        fns(tiny_llama, None)[0](tiny_llama.params, states, batch_for(tiny_llama, EXAMPLES))
+
+
 @pytest.mark.parametrize("bos,examples", [(False, EXAMPLES), (True, MULTI)], ids=["one-token", "multi"])
 def test_packed_batches_equal_padded_batches(bos, examples):
     from conftest import make_tiny_llama

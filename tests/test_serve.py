@@ -76,7 +76,19 @@ def test_mixed_batch_equals_each_task_alone(setup):
     mixed = _mixed_requests(tasks)
     predictions = predictor.predict([r for _, _, r in mixed])
     mixed_batches = predictor.stats["batches"]
-    assert predictor.stats["grouped_prompt_batches"] > 0  # rows of one task share a prefix pass
+    assert predictor.stats["grouped_prompt_batches"] > 0  # rows of one task share a prompt
+    # each distinct prompt ran once, into cached states that every batch and call reuses
+    assert predictor.stats["prefix_state_batches"] == mixed_batches
+    predictor.predict([r for _, _, r in mixed])
+    assert predictor.stats["prefix_states_computed"] == len(TASKS)
+    uncached = Predictor(backbone, prompts=prompts, batch_size=8, prefix_cache=False)
+    running = uncached.predict([r for _, _, r in mixed])  # prompt groups run as prefix streams
+    assert uncached.stats["prefix_state_batches"] == 0 < uncached.stats["grouped_prompt_batches"]
+    # a wide length bucket: every batch is mostly padding, so all run packed (one stream of
+    # the real tokens; each token attends to its own row's cached prompt states)
+    wide = Predictor(backbone, prompts=prompts, batch_size=8, bucket=64, max_length=64)
+    packed = wide.predict([r for _, _, r in mixed])
+    assert wide.stats["packed_batches"] == wide.stats["batches"] == mixed_batches
     # reference: the evaluation path, one task and one shared [L, d] prompt at a time
     reference = {
         name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")), 8)
@@ -88,9 +100,11 @@ def test_mixed_batch_equals_each_task_alone(setup):
         alone[name] = single.predict([r for n, _, r in mixed if n == name])
         shared.append(single.stats["shared_prompt_batches"] == single.stats["batches"] > 0)
     assert all(shared)
-    for (name, i, _request), prediction in zip(mixed, predictions, strict=True):
+    for (name, i, _), prediction, ran, pack in zip(mixed, predictions, running, packed, strict=True):
         np.testing.assert_allclose(prediction.scores, reference[name][i], atol=1e-5, rtol=0)
         np.testing.assert_allclose(prediction.scores, alone[name][i].scores, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(prediction.scores, ran.scores, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(prediction.scores, pack.scores, atol=1e-5, rtol=0)
         assert prediction.index == int(np.argmax(reference[name][i]))
         assert prediction.label == tasks[name].load("test")[i].choices[prediction.index]
         assert prediction.choices == TASKS[name][0]

@@ -293,6 +293,13 @@ def test_prompt_changes_scores(t5_11: Backbone) -> None:
     assert np.max(np.abs(np.asarray(prompted) - np.asarray(empty))) > 1e-3
 
 
+def test_no_prefix_states(t5_11: Backbone) -> None:
+    """The encoder attends both ways, so a prompt's states depend on the input: not cached."""
+    assert t5_11.prefix_fn is None
+    with pytest.raises(BackboneError, match="cannot cache"):
+        t5_11.prefix_states(prompt_for(t5_11, P))
+
+
 def test_per_row_prompts_equal_rows_alone(t5_11: Backbone) -> None:
     batch = make_batch(CONTEXTS, CHOICES, LABELS)
     width, k = batch["tokens"].shape[1], batch["choices"].shape[2]

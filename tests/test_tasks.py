@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_task_loads_well_formed_and_deterministic(name):
 @pytest.mark.parametrize(
     ("name", "sizes"),
     [
-        ("sst2", (60614, 6735, 872)),
+        ("sst2", (60614 + 5459, 1276, 872)),
         ("sst5", (8544, 1101, 2210)),
         ("mr", (8696, 966, 1000)),
         ("subj", (8100, 900, 1000)),
@@ -510,3 +511,11 @@ def test_table_lists_counts_or_missing(monkeypatch, tmp_path):
         assert "| rte | nli | 2 | 2241 | 249 | 277 | accuracy |" in table(["rte"])
     monkeypatch.setenv("SPOT_DATA", str(tmp_path))
     assert "| rte | nli | 2 | missing (" in table(["rte"])
+
+
+def test_sst2_validation_is_sentence_level_like_its_test():
+    data = load_or_skip("sst2")
+    sentence = re.compile(r"^Sentence: .*[.!?]\nThe sentiment")
+    assert all(sentence.match(ex.text) for ex in data["validation"])
+    assert sum(bool(sentence.match(ex.text)) for ex in data["test"]) > 0.9 * len(data["test"])
+    assert not any(sentence.match(ex.text) for ex in data["train"][60614:])  # dev's phrases

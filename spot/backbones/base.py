@@ -111,6 +111,10 @@ class Backbone:
     score_fn: Callable[..., jax.Array]
     embed_path: tuple[str, ...]  # where the [vocab, d_model] token embedding lives in params
     packing: bool = False  # loss/score run packed batches (spot.batching.make_batch(pack=True))
+    # prefix_fn(params, prompt [L, d]) -> prefix states that score_fn takes in place of the
+    # prompt (decoder-only models: the prompt's keys/values do not depend on the input). None:
+    # the architecture cannot reuse them (T5's encoder attends both ways).
+    prefix_fn: Callable[..., Any] | None = None
 
     @property
     def d_model(self) -> int:
@@ -136,6 +140,18 @@ class Backbone:
         """Mean token cross-entropy of the gold choice."""
         return self.jitted_loss(self.params, prompt, batch, rng)
 
-    def score(self, prompt: jax.Array, batch: Batch) -> jax.Array:
-        """[batch, n_choices] summed log-likelihood of each choice (rank classification)."""
+    def score(self, prompt: Any, batch: Batch) -> jax.Array:
+        """[batch, n_choices] summed log-likelihood of each choice (rank classification).
+        `prompt`: a prompt, or prefix states from `prefix_states` (see `prefix_fn`)."""
         return self.jitted_score(self.params, prompt, batch)
+
+    @functools.cached_property
+    def jitted_prefix(self) -> Callable[..., Any]:
+        if self.prefix_fn is None:
+            raise BackboneError(f"{self.arch} backbones cannot cache prompt states")
+        return jax.jit(self.prefix_fn)
+
+    def prefix_states(self, prompt: jax.Array) -> Any:
+        """A [L, d] prompt's reusable states (a pytree): `score(states, batch)` equals
+        `score(prompt, batch)` without running the prompt again."""
+        return self.jitted_prefix(self.params, prompt)

@@ -314,13 +314,16 @@ def _mlp_residual(cfg: LlamaConfig, w, x: jax.Array, fuse: bool) -> jax.Array:
     return x + (jax.nn.silu(gate) * up) @ mlp["down"]["kernel"]
 
 
-def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None, groups=None):
+def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None, groups=None,
+           cached=None):
     """One block over the prefix streams [n, p, d] (or None) and the rows [b, t, d].
 
     Row i attends to prefix `groups[i]` ([b] int; None: the one prefix, n = 1). All streams share
-    every matmul (their rows are concatenated). With `cols=(lo, hi)` (the last layer) only row
-    columns lo:hi are computed to the end and the prefix output is dropped: returns
-    (None, [b, hi - lo, d]); otherwise (new prefix, [b, t, d]).
+    every matmul (their rows are concatenated). `cached` = this layer's (keys, values)
+    [n, p, kv, hd] of prefixes run earlier (`_prefix_states`): rows attend to them the same way
+    and no prefix stream runs. With `cols=(lo, hi)` (the last layer) only row columns lo:hi are
+    computed to the end and the prefix output is dropped: returns (None, [b, hi - lo, d], kv);
+    otherwise (new prefix, [b, t, d], kv), kv being the rows' own (keys, values) [b, t, kv, hd].
     """
     b, t, d = x.shape
     nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -347,9 +350,14 @@ def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None
     qx = _rope(qx.reshape(b, tq, nh, hd), table_x)
     keys = _rope(k[m:].reshape(b, t, kvh, hd), tables[1])
     values = v[m:].reshape(b, t, kvh, hd)
+    row_kv = (keys, values)
     if p:
         kp = _rope(k[:m].reshape(n, p, kvh, hd), table_p)
         vp = v[:m].reshape(n, p, kvh, hd)
+    elif cached is not None:
+        kp, vp = cached
+        p = kp.shape[1]
+    if p:
         if groups is None:  # [n = 1, p, ...] -> every row
             row_kp, row_vp = (jnp.broadcast_to(a, (b, p, kvh, hd)) for a in (kp, vp))
         else:  # each row its own prefix
@@ -358,14 +366,14 @@ def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None
         values = jnp.concatenate([row_vp, values], axis=1)
     out = _attend(cfg, qx, keys, values, bias_x)
     residual = x_out.reshape(b * tq, d)
-    if p and cols is None:
+    if m and cols is None:
         qp = _rope(q[:m].reshape(n, p, nh, hd), table_p)
         out = jnp.concatenate([_attend(cfg, qp, kp, vp, bias_p), out])
         residual = jnp.concatenate([prefix.reshape(m, d), residual])
     rows = _mlp_residual(cfg, w, residual + out @ attn["o"]["kernel"], fuse)
-    if p and cols is None:
-        return rows[:m].reshape(n, p, d), rows[m:].reshape(b, t, d)
-    return None, rows.reshape(b, tq, d)
+    if m and cols is None:
+        return rows[:m].reshape(n, p, d), rows[m:].reshape(b, t, d), row_kv
+    return None, rows.reshape(b, tq, d), row_kv
 
 
 def _fast_hidden(
@@ -379,21 +387,26 @@ def _fast_hidden(
     opts: _FastOptions = FAST,
     slots: int = 0,
     groups: tuple[jax.Array, jax.Array] | None = None,
+    cached: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic.
     `slots` > 0: run the real tokens as one packed stream of that static size (must hold them).
     `groups` = (first rows [n], group of each row [b]) for per-row prompts [b, L, d] whose rows
-    within a group are equal: each distinct prompt then runs once, as its group's prefix."""
+    within a group are equal: each distinct prompt then runs once, as its group's prefix.
+    `cached` = (keys, values [layers, n, p, kv, hd], prefix of each row [b]): the states of n
+    prefixes ([BOS] + prompt) from `_prefix_states`; `prompt` is then unused."""
     cfg = config
     embed = params["embed"]["embedding"]
     b, t = tokens.shape
     prompt = prompt.astype(jnp.float32)
     shared = []
-    if bos_id is not None:
+    if bos_id is not None and cached is None:
         shared.append(embed[jnp.asarray([bos_id])])
     x, x_mask = embed[tokens], mask
     group_index = None
-    if prompt.ndim == 2 and opts.share_prefix:
+    if cached is not None:
+        group_index = cached[2]
+    elif prompt.ndim == 2 and opts.share_prefix:
         shared.append(prompt)
     elif groups is not None and opts.share_prefix:
         first_rows, group_index = groups
@@ -406,7 +419,7 @@ def _fast_hidden(
         x = jnp.concatenate([rows_prompt, x], axis=1)
         x_mask = jnp.concatenate([jnp.ones(rows_prompt.shape[:2], mask.dtype), mask], axis=1)
     prefix = jnp.concatenate(shared)[None] if shared else None
-    if group_index is not None:  # one prefix stream per distinct prompt: [n, p, d]
+    if group_index is not None and cached is None:  # one prefix stream per distinct prompt
         distinct = prompt[first_rows]
         if prefix is not None:
             prefix = jnp.broadcast_to(prefix, (distinct.shape[0], *prefix.shape[1:]))
@@ -414,19 +427,27 @@ def _fast_hidden(
         prefix = distinct
     p, tx = (0 if prefix is None else prefix.shape[1]), x.shape[1]
     prefix = prefix if p else None  # an empty shared prompt
+    if cached is not None:
+        p = cached[0].shape[2]
     # positions: the prefix is all real tokens, so rows continue from p (as cumsum over the whole)
     pos_x = jnp.maximum(p + jnp.cumsum(x_mask, axis=-1) - 1, 0).astype(jnp.int32)
     # `slots` counts neither per-row prompts nor group prefixes: those batches run padded
-    slots = slots if tx == t and group_index is None else 0
+    slots = slots if tx == t and (group_index is None or cached is not None) else 0
+    bias_prefix = None
     if slots:
         index, x, pos_x, bias_x = _pack(x, x_mask, pos_x, slots)
+        if cached is not None:
+            cached, bias_prefix = _one_prefix(cached, index, t)
+            group_index = None
     else:
         causal = jnp.tril(jnp.ones((tx, tx), dtype=bool))
         allowed = causal[None] & (x_mask[:, None, :] > 0)
         bias_x = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
     bias_p = None
     if p:
-        bias_x = jnp.concatenate([jnp.zeros((*bias_x.shape[:2], p), jnp.float32), bias_x], axis=-1)
+        if bias_prefix is None:  # every row sees all of its prefix
+            bias_prefix = jnp.zeros((*bias_x.shape[:2], p), jnp.float32)
+        bias_x = jnp.concatenate([bias_prefix, bias_x], axis=-1)
         bias_p = jnp.where(jnp.tril(jnp.ones((p, p), dtype=bool)), 0.0, NEG_INF)[None]
     tables = (_rope_table(jnp.arange(p)[None], cfg.head_dim, cfg.rope_theta),
               _rope_table(pos_x, cfg.head_dim, cfg.rope_theta))
@@ -437,15 +458,18 @@ def _fast_hidden(
     # the stacked weights are the scan's xs (not indexed out of a closed-over constant): then the
     # backward pass reads them in place instead of saving a stacked copy of every layer's weights
     prune_last = opts.prune_last and not slots  # packed columns are not per-row slices
-    xs = jax.tree_util.tree_map(lambda a: a[:-1], layers) if prune_last else layers
+    xs = (layers, None) if cached is None else (layers, cached[:2])
+    xs = jax.tree_util.tree_map(lambda a: a[:-1], xs) if prune_last else xs
 
-    def body(carry, w):
-        return _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=group_index), None
+    def body(carry, layer):
+        w, kv = layer
+        out = _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=group_index, cached=kv)
+        return out[:2], None
 
     (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
     if prune_last:
-        w = jax.tree_util.tree_map(lambda a: a[-1], layers)
-        _, x = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, (lo, hi), group_index)
+        w, kv = jax.tree_util.tree_map(lambda a: a[-1], (layers, None if cached is None else cached[:2]))
+        _, x, _ = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, (lo, hi), group_index, kv)
     elif slots:  # [1, slots, d] -> [b, tx, d]; columns without a token stay zero
         x = jnp.zeros((b * tx, cfg.d_model), x.dtype).at[index].set(x[0], mode="drop")
         x = x.reshape(b, tx, cfg.d_model)[:, lo:hi]
@@ -471,13 +495,71 @@ def _pack(x: jax.Array, mask: jax.Array, positions: jax.Array, slots: int):
     return index, x.reshape(b * t, d)[source][None], positions.reshape(-1)[source][None], bias
 
 
-def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts, slots=0, groups=None):
+def _one_prefix(cached, index: jax.Array, t: int):
+    """Cached states of n prefixes for a packed stream: one prefix of n * p keys, each token
+    masked to its own row's ([1, slots, n * p] bias); `index` as `_pack` returns it."""
+    keys, values, row_prefix = cached
+    layers, n, p = keys.shape[:3]
+    token_prefix = row_prefix[jnp.minimum(index // t, row_prefix.shape[0] - 1)]  # [slots]
+    allowed = token_prefix[:, None] == jnp.repeat(jnp.arange(n), p)[None, :]
+    bias = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[None]
+    flat = (a.reshape(layers, 1, n * p, *a.shape[3:]) for a in (keys, values))
+    return (*flat, None), bias
+
+
+def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts, slots=0, groups=None,
+            cached=None):
     """Hidden states of token columns lo:hi: fast path unless dropout is active."""
     if opts is None or (rng is not None and config.dropout_rate > 0):
+        if cached is not None:
+            raise ValueError("cached prefix states need the fast path (no dropout)")
         hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, rng)
         return hidden if cols is None else hidden[:, cols[0] : cols[1]]
     slots = slots if opts.pack else 0
-    return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts, slots, groups)
+    return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts, slots, groups,
+                        cached)
+
+
+def _prefix_states(config: LlamaConfig, params: Params, prompt: jax.Array, bos_id: int | None):
+    """The prefix [BOS] + prompt [L, d] run alone: {"keys", "values"}, each layer's rotated keys
+    and values [layers, p, kv, hd] (p = L + 1 with BOS). Under causal attention they do not depend
+    on what follows, so rows can attend to them later instead of running the prefix again."""
+    embed = params["embed"]["embedding"]
+    parts = [] if bos_id is None else [embed[jnp.asarray([bos_id])]]
+    x = jnp.concatenate([*parts, prompt.astype(jnp.float32)])[None]  # [1, p, d]
+    p = x.shape[1]
+    table = _rope_table(jnp.arange(p)[None], config.head_dim, config.rope_theta)
+    bias = jnp.where(jnp.tril(jnp.ones((p, p), dtype=bool)), 0.0, NEG_INF)[None]
+
+    def body(x, w):
+        _, x, (keys, values) = _layer(config, False, w, None, x, (None, table), (None, bias))
+        return x, (keys[0], values[0])
+
+    _, (keys, values) = jax.lax.scan(body, x, params["layers"])
+    return {"keys": keys, "values": values}
+
+
+def _cached(states: dict[str, jax.Array], batch: Batch, repeats: int = 1):
+    """Prefix states for `_fast_hidden`: one prefix's [layers, p, kv, hd] (every row) or n
+    prefixes' [n, layers, p, kv, hd] with `batch["prompt_index"]` naming each row's."""
+    keys, values = states["keys"], states["values"]
+    if keys.ndim == 4:
+        keys, values = keys[None], values[None]
+    b = batch["tokens"].shape[0]
+    index = batch.get("prompt_index", jnp.zeros(b, jnp.int32))
+    return jnp.moveaxis(keys, 0, 1), jnp.moveaxis(values, 0, 1), jnp.repeat(index, repeats)
+
+
+def _prefixes(states: dict[str, jax.Array] | None, batch: Batch, repeats: int = 1):
+    """(groups, cached) for `_hidden`: prompt groups, or prefix states when given."""
+    if states is None:
+        return _groups(batch, repeats), None
+    return None, _cached(states, batch, repeats)
+
+
+def make_prefix_fn(config: LlamaConfig, bos_id: int | None):
+    """prefix_fn(params, prompt [L, d]) -> prefix states that `score_fn` takes for `prompt`."""
+    return functools.partial(_prefix_states, config, bos_id=bos_id)
 
 
 def _slots(batch: Batch) -> int:
@@ -531,14 +613,18 @@ def make_loss_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | 
 def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):
     """`_opts=None` selects the plain Flax path (reference and benchmarks)."""
 
-    def score_fn(params: Params, prompt: jax.Array, batch: Batch) -> jax.Array:
-        """[batch, n_choices] summed log-likelihood of each choice."""
+    def score_fn(params: Params, prompt: jax.Array | dict, batch: Batch) -> jax.Array:
+        """[batch, n_choices] summed log-likelihood of each choice. `prompt` may also be prefix
+        states from `make_prefix_fn` (one prompt's, or n stacked with `batch["prompt_index"]`)."""
         choices, choice_mask = batch["choices"], batch["choice_mask"]
         n, c, k = choices.shape
+        states = prompt if isinstance(prompt, dict) else None
+        if states is not None:
+            prompt = jnp.zeros((0, config.d_model), jnp.float32)  # the states hold it
         if k == 1:  # one token per answer: one pass over the context, read the last position
             t = batch["tokens"].shape[1]
             hidden = _hidden(config, params, prompt, batch["tokens"], batch["mask"], bos_id, None,
-                             (t - 1, t), _opts, _slots(batch), _groups(batch))
+                             (t - 1, t), _opts, _slots(batch), *_prefixes(states, batch))
             last = jnp.broadcast_to(hidden, (n, c, hidden.shape[-1]))
             log_probs = _answer_log_probs(config, params, last, choices[..., 0])
             return log_probs * choice_mask[..., 0]
@@ -551,7 +637,7 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
         tokens, mask = _with_answers(tokens, mask, answers, answer_mask)
         t = tokens.shape[1]
         hidden = _hidden(config, params, prompt, tokens, mask, bos_id, None, (t - k, t), _opts,
-                         c * _slots(batch), _groups(batch, c))  # each row c times
+                         c * _slots(batch), *_prefixes(states, batch, c))  # each row c times
         log_probs = _answer_log_probs(config, params, hidden, answers)
         return jnp.sum(log_probs * answer_mask, axis=-1).reshape(n, c)
 

@@ -11,7 +11,13 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from spot.backbones.base import Backbone, BackboneError, Params, backbone_identity
-from spot.backbones.llama import LlamaConfig, make_loss_fn, make_score_fn, to_config
+from spot.backbones.llama import (
+    LlamaConfig,
+    make_loss_fn,
+    make_prefix_fn,
+    make_score_fn,
+    to_config,
+)
 from spot.backbones.llama_weights import params_from_hf, read_hf_dir
 
 
@@ -41,6 +47,7 @@ def build_llama(
         score_fn=make_score_fn(config, bos_id),
         embed_path=("embed", "embedding"),
         packing=True,
+        prefix_fn=make_prefix_fn(config, bos_id),
     )
 
 

@@ -8,8 +8,11 @@ copied; a missing file raises MissingDataError naming its path. Malformed rows a
 with a warning giving their count and first line numbers (logger "spot.tasks").
 
 Splits ("train", "validation", "test"), always in file order:
-- the files' own train/dev/test where all three exist: sst2 (train/dev/test.tsv; its test
-  is GLUE's 872-row dev set), sst5 (stsa.fine.train/dev/test).
+- the files' own train/dev/test where all three exist: sst5 (stsa.fine.train/dev/test), and
+  sst2, whose test.tsv is GLUE's 872-row, sentence-level dev set and whose train.tsv and
+  dev.tsv are a split of GLUE's train (sentences and their parse-tree phrases): validation is
+  dev.tsv's complete sentences (ending in . ! or ?), like the test rows, and its phrases join
+  train.
 - train + a dev or test file: that file is the test split, and validation is carved from
   train: min(1000, max(1, floor(0.1 * n_train))) rows. Applies to trec and agnews (their
   test files; agnews/train.tsv holds 10,000 articles), cola (in_domain_dev +

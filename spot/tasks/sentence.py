@@ -38,18 +38,25 @@ def label_lines(
 
 
 def sst2() -> dict[str, list[Example]]:
-    def read(filename: str) -> list[Example]:
-        def convert(line: str) -> Example:
+    def read(filename: str) -> list[tuple[bool, Example]]:
+        def convert(line: str) -> tuple[bool, Example]:
             sentence, label = line.split("\t")
-            return Example(REVIEW.format(text=clean(sentence)), SENTIMENT, int(label))
+            example = Example(REVIEW.format(text=clean(sentence)), SENTIMENT, int(label))
+            return is_sentence(sentence), example
 
         return read_rows(data_file("sst2", filename), convert, header=True)
 
+    train, dev, test = read("train.tsv"), read("dev.tsv"), read("test.tsv")
     return {
-        "train": read("train.tsv"),
-        "validation": read("dev.tsv"),
-        "test": read("test.tsv"),
+        "train": [ex for _, ex in train] + [ex for full, ex in dev if not full],
+        "validation": [ex for full, ex in dev if full],
+        "test": [ex for _, ex in test],
     }
+
+
+def is_sentence(text: str) -> bool:
+    """A complete SST sentence rather than a parse-tree phrase: it ends in . ! or ?."""
+    return text.rstrip().endswith((".", "!", "?"))
 
 
 def sst5() -> dict[str, list[Example]]:
