@@ -9,12 +9,16 @@ A batch is a dict of arrays (a JAX pytree) built by `spot.batching`:
     labels       int32 [batch]               index of the gold choice (-1 when unknown)
     pack         int8  [slots]               optional: run the real tokens as one packed stream
                                              of this static size (backbones with `packing`)
+    prompt_rows  int32 [n]                   optional (serving): first row of each distinct
+    prompt_index int32 [batch]               per-row prompt, and each row's; with prefix states
+                                             (`prefix_states`) prompt_index picks each row's
 
 Position ids are `cumsum(mask) - 1` over the full input (prompt included), so padding
 never shifts relative positions (rotary and T5 relative buckets both rely on this).
 
 A prompt is `[prompt_len, d_model]` (shared by all rows) or `[batch, prompt_len, d_model]`
-(one prompt per row: mixed-task batches, ensembles). `prompt_len` may be 0.
+(one prompt per row: mixed-task batches, ensembles). `prompt_len` may be 0. Backbones with a
+`prefix_fn` also score from prefix states: one prompt's, or n prompts' stacked (see `score`).
 """
 
 from __future__ import annotations

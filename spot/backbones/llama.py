@@ -203,6 +203,9 @@ def _prefixed_hidden(
 #   last layer's query/output/MLP only at the columns whose logits are read (costs a slice copy of
 #   the weights); `fuse` does q|k|v and gate|up as one matmul each (kernels concatenated per layer
 #   inside the step; the stored tree is unchanged).
+# * Cached prefix states (serving): [BOS] + a prompt run once (`_prefix_states`) give each
+#   layer's keys/values; `score_fn` takes them in place of the prompt, and rows (or the tokens of
+#   a packed stream, each masked to its own row's prefix) attend to them without running it.
 # Only the prompt is differentiated (the trainer takes grad w.r.t. argnums=1), so no weight
 # gradients exist in the step (tests/test_fast_paths.py checks the HLO).
 # ---------------------------------------------------------------------------------------------
@@ -454,12 +457,11 @@ def _fast_hidden(
     biases = (bias_p, bias_x)
     lo, hi = (0, t) if cols is None else cols
     lo, hi = lo + tx - t, hi + tx - t  # token columns -> row columns (per-row prompts first)
-    layers = params["layers"]
     # the stacked weights are the scan's xs (not indexed out of a closed-over constant): then the
     # backward pass reads them in place instead of saving a stacked copy of every layer's weights
+    stacked = (params["layers"], None if cached is None else cached[:2])  # weights, cached k/v
     prune_last = opts.prune_last and not slots  # packed columns are not per-row slices
-    xs = (layers, None) if cached is None else (layers, cached[:2])
-    xs = jax.tree_util.tree_map(lambda a: a[:-1], xs) if prune_last else xs
+    xs = jax.tree_util.tree_map(lambda a: a[:-1], stacked) if prune_last else stacked
 
     def body(carry, layer):
         w, kv = layer
@@ -468,7 +470,7 @@ def _fast_hidden(
 
     (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
     if prune_last:
-        w, kv = jax.tree_util.tree_map(lambda a: a[-1], (layers, None if cached is None else cached[:2]))
+        w, kv = jax.tree_util.tree_map(lambda a: a[-1], stacked)
         _, x, _ = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, (lo, hi), group_index, kv)
     elif slots:  # [1, slots, d] -> [b, tx, d]; columns without a token stay zero
         x = jnp.zeros((b * tx, cfg.d_model), x.dtype).at[index].set(x[0], mode="drop")
