@@ -1,15 +1,19 @@
 """Serving variants interleaved window by window (machine-speed swings hit all of them).
 
 Same workload as `serve_bench.py` (8 tasks x 64 requests, windows of 16 arrivals, batch 16):
-    mixed, states, packed      the default: each prompt ran once into cached keys/values per
-                               layer; a batch runs as one packed stream of its real tokens
-                               where that costs at most 4/5 of its padded layout
-    mixed, states, padded      `pack=False`
-    mixed, prompt groups       `prefix_cache=False, pack=False`: each distinct prompt of a batch
-                               runs once per batch (session 4's default)
-    per-task, states, packed   one call per task present in the window, defaults
-    per-task, states, padded   `pack=False`
-    per-task, shared prompt    `prefix_cache=False, pack=False`: each batch runs its prompt once
+    mixed, states, packed      the defaults: each prompt ran once into cached keys/values per
+                               layer; rows (sorted by length) are cut into batches where the
+                               cost model says; a batch runs as one packed stream of its real
+                               tokens where that costs at most 4/5 of its padded layout
+    mixed, fixed cuts          batches of `batch_size` rows in length order (session 4's rule);
+                               the variants below cut that way too
+    mixed, states, padded      + `pack=False`
+    mixed, prompt groups       + `prefix_cache=False, pack=False`: each distinct prompt of a
+                               batch runs once per batch (session 4's default)
+    per-task, states, packed   one call per task present in the window, the defaults
+    per-task, fixed cuts       fixed cuts
+    per-task, states, padded   + `pack=False`
+    per-task, shared prompt    + `prefix_cache=False, pack=False`: each batch runs its prompt once
 Each window is served by every variant, in rotated order; ratios are per-window time ratios.
 
     .venv/bin/python benchmarks/_serve_ab.py
@@ -34,6 +38,13 @@ from spot import backbones  # noqa: E402
 from spot.serve import Predictor  # noqa: E402
 
 
+class FixedCuts(Predictor):
+    """Batches of `batch_size` rows in length order (session 4's rule), not cost-model cuts."""
+
+    def _cuts(self, rows, k):
+        return [*range(0, len(rows), self.batch_size), len(rows)]
+
+
 def main() -> None:
     backbone = backbones.load()
     stream = list(enumerate(request_stream(TASKS, 64, seed=0)))
@@ -45,12 +56,14 @@ def main() -> None:
         states_off = dict(options, prefix_cache=False, pack=False)
         variants = {  # name: (strategy, predictor)
             "mixed, states, packed": ("mixed", Predictor(backbone, library, **options)),
-            "mixed, states, padded": ("mixed", Predictor(backbone, library, **options, pack=False)),
-            "mixed, prompt groups": ("mixed", Predictor(backbone, library, **states_off)),
+            "mixed, fixed cuts": ("mixed", FixedCuts(backbone, library, **options)),
+            "mixed, states, padded": ("mixed", FixedCuts(backbone, library, **options, pack=False)),
+            "mixed, prompt groups": ("mixed", FixedCuts(backbone, library, **states_off)),
             "per-task, states, packed": ("per-task", Predictor(backbone, library, **options)),
-            "per-task, states, padded": ("per-task", Predictor(backbone, library, **options,
+            "per-task, fixed cuts": ("per-task", FixedCuts(backbone, library, **options)),
+            "per-task, states, padded": ("per-task", FixedCuts(backbone, library, **options,
                                                                pack=False)),
-            "per-task, shared prompt": ("per-task", Predictor(backbone, library, **states_off)),
+            "per-task, shared prompt": ("per-task", FixedCuts(backbone, library, **states_off)),
         }
         for window in windows:  # warm-up: compile every shape, fill the state caches
             for strategy, predictor in variants.values():
@@ -67,9 +80,11 @@ def main() -> None:
     times = {name: np.asarray(s) for name, s in seconds.items()}
     for name, s in times.items():
         print(f"{name:>24}: {len(stream) / s.sum():.2f} requests/s")
-    for slow, fast in [("mixed, states, padded", "mixed, states, packed"),
+    for slow, fast in [("mixed, fixed cuts", "mixed, states, packed"),
+                       ("mixed, states, padded", "mixed, fixed cuts"),
                        ("mixed, prompt groups", "mixed, states, padded"),
                        ("per-task, states, padded", "per-task, states, packed"),
+                       ("per-task, fixed cuts", "per-task, states, packed"),
                        ("per-task, shared prompt", "per-task, states, padded"),
                        ("per-task, states, packed", "mixed, states, packed"),
                        ("per-task, shared prompt", "mixed, prompt groups")]:

@@ -83,7 +83,7 @@ def bucket_length(length: int, bucket: int, max_length: int) -> int:
     return max(1, min(max_length, -(-length // bucket) * bucket))
 
 
-def _layout_cost(rows: int, columns: int) -> float:
+def layout_cost(rows: int, columns: int) -> float:
     """Relative cost of running `rows` sequences of `columns` tokens (projections + attention)."""
     return rows * columns * (1 + columns * PAIR_COST)
 
@@ -100,7 +100,7 @@ def packed_slots(lengths: Sequence[int], answers: int, rows: int, length: int, k
     `answers` answer tokens, when packing costs at most PACK_GAIN of the padded layout (`rows`
     rows of `length` + `k` columns); else 0."""
     slots = pack_slots(sum(min(n, length) for n in lengths) + answers)
-    return slots if _layout_cost(1, slots) <= PACK_GAIN * _layout_cost(rows, length + k) else 0
+    return slots if layout_cost(1, slots) <= PACK_GAIN * layout_cost(rows, length + k) else 0
 
 
 def make_batch(

@@ -17,8 +17,10 @@ choices (the choice axis is padded to a power of two with masked choices, droppe
 result); multi-token answers repeat the context once per choice, so they group by (number of
 choices, answer length rounded up to a multiple of 4).
 Inside a group rows are sorted by context length and cut into batches of at most `batch_size`
-rows; the context is left-padded to a multiple of `bucket` tokens and the row count rounded up
-to a power of two, so few shapes ever compile. Each batch is ONE forward pass.
+rows where `spot.batching`'s cost model (padded or packed layout, plus a fixed cost per pass)
+finds the split cheapest, so short rows do not pay for long ones' padding; the context is
+left-padded to a multiple of `bucket` tokens and the row count rounded up to a power of two, so
+few shapes ever compile. Each batch is ONE forward pass.
 
 Prompt states. On a backbone with `prefix_fn` (decoder-only: under causal attention the keys and
 values of [BOS] + prompt do not depend on what follows) each distinct prompt runs once, into
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from spot.backbones.base import Backbone, BackboneError, check_prompt
-from spot.batching import bucket_length, packed_slots
+from spot.batching import bucket_length, layout_cost, packed_slots
 
 __all__ = [
     "BackboneMismatch",
@@ -68,6 +70,7 @@ __all__ = [
 ]
 
 ANSWER_BUCKET = 4  # multi-token answers are padded to a multiple of this many tokens
+CALL_COST = 16.0  # a forward pass's fixed cost in token-columns (dispatch, answer logits)
 
 
 class ServeError(ValueError):
@@ -382,12 +385,38 @@ class Predictor:
         out: list[np.ndarray | None] = [None] * len(rows)
         for (_, _, k), members in groups.items():
             members.sort(key=lambda i: len(rows[i].context))  # stable: similar lengths together
-            for start in range(0, len(members), self.batch_size):
-                chunk = [rows[i] for i in members[start : start + self.batch_size]]
+            bounds = self._cuts([rows[i] for i in members], k)
+            for start, end in zip(bounds, bounds[1:], strict=False):
+                chunk = [rows[i] for i in members[start:end]]
                 scores = self._score_batch(chunk, k)
-                for i, row, s in zip(members[start:], chunk, scores, strict=False):
+                for i, row, s in zip(members[start:end], chunk, scores, strict=True):
                     out[i] = s[: len(row.answers)]
         return out  # type: ignore[return-value]
+
+    def _layout(self, chunk: Sequence[_Row], k: int, packable: bool) -> tuple[int, int, int]:
+        """(rows, context length, packed stream size or 0) of the batch holding `chunk`."""
+        size = self._rows_for(len(chunk))
+        length = bucket_length(max(len(r.context) for r in chunk), self.bucket, self.max_length)
+        if not (packable and self._pack):
+            return size, length, 0
+        answers = sum(max(len(a) for a in r.answers) for r in chunk)
+        return size, length, packed_slots([len(r.context) for r in chunk], answers, size, length, k)
+
+    def _cuts(self, rows: Sequence[_Row], k: int) -> list[int]:
+        """Batch boundaries [0, ..., len(rows)] over rows sorted by context length: the split
+        into batches of at most `batch_size` rows that `spot.batching`'s cost model finds
+        cheapest (dynamic programming), e.g. short rows packed apart from long padded ones."""
+        best, cut = [0.0] + [math.inf] * len(rows), [0] * (len(rows) + 1)
+        for end in range(1, len(rows) + 1):
+            for start in range(max(0, end - self.batch_size), end):
+                size, length, slots = self._layout(rows[start:end], k, self._use_states)
+                cost = layout_cost(1, slots) if slots else layout_cost(size, length + k)
+                if best[start] + cost + CALL_COST < best[end]:
+                    best[end], cut[end] = best[start] + cost + CALL_COST, start
+        bounds = [len(rows)]
+        while bounds[-1]:
+            bounds.append(cut[bounds[-1]])
+        return bounds[::-1]
 
     def _rows_for(self, n: int) -> int:
         """Rows of a batch holding n requests (a power of two: few shapes compile)."""
@@ -427,17 +456,12 @@ class Predictor:
         share a prompt, the batch also names the groups (`prompt_rows`: first row of each
         distinct prompt, padded to a power of two; `prompt_index`: each row's group) so each
         distinct prompt runs once."""
-        size = self._rows_for(len(chunk))
         c = max(len(r.answers) for r in chunk)
         if k == 1:  # extra choices are free on the one-pass path: bucket them too
             c = 1 << (c - 1).bit_length()
-        length = bucket_length(max(len(r.context) for r in chunk), self.bucket, self.max_length)
         first_rows, groups = _prompt_groups(chunk)
-        slots = 0
-        if self._pack and (self._use_states or len(first_rows) == 1):
-            answers = sum(max(len(a) for a in r.answers) for r in chunk)
-            slots = packed_slots([len(r.context) for r in chunk], answers, size, length, k)
-            length = self.max_length if slots else length  # packed: one shape per stream size
+        size, length, slots = self._layout(chunk, k, self._use_states or len(first_rows) == 1)
+        length = self.max_length if slots else length  # packed: one shape per stream size
         pad = self.backbone.pad_id
         tokens = np.full((size, length), pad, np.int32)
         mask = np.zeros((size, length), np.int32)

@@ -18,6 +18,7 @@ from spot.serve import (
     PromptNotFound,
     Request,
     ServeError,
+    _Row,  # the cost-model cut test builds rows directly
     combine,
     ensemble_report,
 )
@@ -84,11 +85,11 @@ def test_mixed_batch_equals_each_task_alone(setup):
     uncached = Predictor(backbone, prompts=prompts, batch_size=8, prefix_cache=False)
     running = uncached.predict([r for _, _, r in mixed])  # prompt groups run as prefix streams
     assert uncached.stats["prefix_state_batches"] == 0 < uncached.stats["grouped_prompt_batches"]
-    # a wide length bucket: every batch is mostly padding, so all run packed (one stream of
-    # the real tokens; each token attends to its own row's cached prompt states)
+    # a wide length bucket: batches are mostly padding, so they run packed (one stream of the
+    # real tokens; each token attends to its own row's cached prompt states)
     wide = Predictor(backbone, prompts=prompts, batch_size=8, bucket=64, max_length=64)
     packed = wide.predict([r for _, _, r in mixed])
-    assert wide.stats["packed_batches"] == wide.stats["batches"] == mixed_batches
+    assert wide.stats["packed_batches"] > 0
     # reference: the evaluation path, one task and one shared [L, d] prompt at a time
     reference = {
         name: score_encoded(backbone, prompts[name], encode(backbone, task.load("test")), 8)
@@ -110,9 +111,24 @@ def test_mixed_batch_equals_each_task_alone(setup):
         assert prediction.choices == TASKS[name][0]
         assert (prediction.task, prediction.prompt_id) == (name, f"task:{name}")
     # 32 rows in 3 shape groups: L=5 & one-token answers (2 tasks with 2 and 3 choices merged),
-    # L=5 & multi-token, L=3 & multi-token -> 16, 8, 8 rows -> 2 + 1 + 1 batches
-    assert mixed_batches == 4
-    assert predictor.stats["padded_rows"] == 0
+    # L=5 & multi-token, L=3 & multi-token: 16, 8 and 8 rows, so at least 2 + 1 + 1 batches
+    assert mixed_batches >= 4
+
+
+def test_batches_cut_where_the_cost_model_says(setup):
+    """Rows sorted by context length are cut into batches of at most batch_size rows by the
+    cost model: short rows apart from long ones; short rows of one length in one batch."""
+    backbone, _, prompts = setup
+    predictor = Predictor(backbone, prompts=prompts, batch_size=16, bucket=16, max_length=64)
+
+    def rows(*lengths):
+        return [_Row(prompts["serve_k1_two"], np.zeros(n, np.int32), [[1], [2]]) for n in lengths]
+
+    assert predictor._cuts(rows(*[6] * 16), 1) == [0, 16]
+    assert 8 in predictor._cuts(rows(*[4] * 8, *[60] * 8), 1)
+    cuts = predictor._cuts(rows(*[6] * 40), 1)
+    assert cuts[0] == 0 and cuts[-1] == 40
+    assert all(0 < b - a <= 16 for a, b in zip(cuts, cuts[1:], strict=False))  # batch_size caps
 
 
 def test_prompts_of_different_lengths_from_the_library(setup, tmp_path):
@@ -139,7 +155,7 @@ def test_prompts_of_different_lengths_from_the_library(setup, tmp_path):
         got = [p.scores for p in predictions if p.prompt_id == entry_id]
         np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
     assert all(p.task == "serve_multi" for p in predictions)
-    assert predictor.stats["batches"] == 3 and predictor.stats["padded_rows"] == 0
+    assert predictor.stats["batches"] >= 3  # prompts of different lengths never share a batch
     assert len(predictor._cache) == 2  # LRU bounded
     with pytest.raises(PromptNotFound):
         predictor.predict([Request("x", prompt_id="0" * 16)])
