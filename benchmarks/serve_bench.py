@@ -26,8 +26,9 @@ cache); useful GFLOP/s = the matmul FLOPs each served request needs with cached 
 (its context tokens through every layer, attending to BOS + prompt, one row of answer logits; no
 padding counted) / wall time, as a share of an fp32 2048^3 GEMM (numpy or XLA, the faster) timed
 in the same run: no strategy can beat one at share s by more than 1/s. Latency = time from the
-window's start to the end of the call answering the request. The slow `per-task-fixed` and `single` are timed on the first `--sample-windows` windows
-only, and every ratio compares wall times on the same windows. All strategies must agree on
+window's start to the end of the call answering the request. The slow `per-task-fixed` and
+`single` are timed on the first `--sample-windows` windows only, and every ratio compares wall
+times on the same windows. All strategies must agree on
 every prediction (checked).
 
     .venv/bin/python benchmarks/serve_bench.py                    # throughput + ensemble
@@ -170,8 +171,7 @@ def throughput(args, backbone, library) -> dict:
     peaks = [gemm_peak()]
     results, answers, window_seconds = {}, {}, {}
     for name, predictor in predictors.items():
-        predictor.stats.update(batches=0, rows=0, padded_rows=0, shared_prompt_batches=0,
-                               grouped_prompt_batches=0, prefix_state_batches=0, packed_batches=0)
+        predictor.stats = dict.fromkeys(predictor.stats, 0)  # count the timed pass only
         latencies, served, window_seconds[name] = [], 0, []
         for window in timed_windows[name]:
             started = time.perf_counter()
@@ -187,12 +187,7 @@ def throughput(args, backbone, library) -> dict:
             "requests": served,
             "seconds": round(wall, 2),
             "requests_per_s": served / wall,
-            "batches": predictor.stats["batches"],
-            "padded_rows": predictor.stats["padded_rows"],
-            "shared_prompt_batches": predictor.stats["shared_prompt_batches"],
-            "grouped_prompt_batches": predictor.stats["grouped_prompt_batches"],
-            "prefix_state_batches": predictor.stats["prefix_state_batches"],
-            "packed_batches": predictor.stats["packed_batches"],
+            **predictor.stats,  # batches, padding rows, prompt sharing, packing
             "mean_latency_s": float(np.mean(latencies)),
             "p95_latency_s": float(np.percentile(latencies, 95)),
             "useful_gflops_per_s": gflops,

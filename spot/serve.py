@@ -24,9 +24,10 @@ few shapes ever compile. Each batch is ONE forward pass.
 
 Prompt states. On a backbone with `prefix_fn` (decoder-only: under causal attention the keys and
 values of [BOS] + prompt do not depend on what follows) each distinct prompt runs once, into
-per-layer keys/values cached by content (`cache_size` entries, ~1 MB per 20-token SmolLM2
-prompt); a batch passes the stacked states of its distinct prompts and each row's index, and its
-rows attend to them: no prompt runs again. Such a batch also runs packed (`spot.batching`'s
+per-layer keys/values cached by content (`cache_size` entries; 0.97 MB for a 20-token SmolLM2
+prompt: 30 layers x 21 positions x 3 kv heads x 64 x keys and values, fp32); a batch passes the
+stacked states of its distinct prompts and each row's index, and its rows attend to them: no
+prompt runs again. Such a batch also runs packed (`spot.batching`'s
 cost model: one stream of its real tokens, each attending to its own row's prompt) where that
 costs at most 4/5 of the padded layout. Without states (T5, `prefix_cache=False`): one `[L, d]`
 prompt when all rows share it (run once, as a shared prefix, where the fast path can), else
@@ -393,14 +394,18 @@ class Predictor:
                     out[i] = s[: len(row.answers)]
         return out  # type: ignore[return-value]
 
-    def _layout(self, chunk: Sequence[_Row], k: int, packable: bool) -> tuple[int, int, int]:
-        """(rows, context length, packed stream size or 0) of the batch holding `chunk`."""
+    def _layout(self, chunk: Sequence[_Row], k: int) -> tuple[int, int, int]:
+        """(rows, context columns, packed stream size or 0) of the batch holding `chunk`. It
+        can pack with prompt states or one shared prompt; packed, the context is `max_length`
+        wide (one compiled shape per stream size)."""
         size = self._rows_for(len(chunk))
         length = bucket_length(max(len(r.context) for r in chunk), self.bucket, self.max_length)
-        if not (packable and self._pack):
+        packable = self._use_states or all(r.prompt is chunk[0].prompt for r in chunk)
+        if not (self._pack and packable):
             return size, length, 0
         answers = sum(max(len(a) for a in r.answers) for r in chunk)
-        return size, length, packed_slots([len(r.context) for r in chunk], answers, size, length, k)
+        slots = packed_slots([len(r.context) for r in chunk], answers, size, length, k)
+        return size, self.max_length if slots else length, slots
 
     def _cuts(self, rows: Sequence[_Row], k: int) -> list[int]:
         """Batch boundaries [0, ..., len(rows)] over rows sorted by context length: the split
@@ -409,7 +414,7 @@ class Predictor:
         best, cut = [0.0] + [math.inf] * len(rows), [0] * (len(rows) + 1)
         for end in range(1, len(rows) + 1):
             for start in range(max(0, end - self.batch_size), end):
-                size, length, slots = self._layout(rows[start:end], k, self._use_states)
+                size, length, slots = self._layout(rows[start:end], k)
                 cost = layout_cost(1, slots) if slots else layout_cost(size, length + k)
                 if best[start] + cost + CALL_COST < best[end]:
                     best[end], cut[end] = best[start] + cost + CALL_COST, start
@@ -446,8 +451,9 @@ class Predictor:
 
     def _make_batch(
         self, chunk: Sequence[_Row], k: int
-    ) -> tuple[Any, dict[str, np.ndarray]]:
-        """The prompt and a left-padded batch (see spot.backbones.base).
+    ) -> tuple[Any, dict[str, np.ndarray], int]:
+        """The prompt, a left-padded batch (see spot.backbones.base) and its number of distinct
+        prompts.
 
         With prefix states (decoder-only backbones, `prefix_cache`): the stacked states of the
         batch's distinct prompts and `prompt_index` (each row's); no prompt runs. Otherwise one
@@ -460,15 +466,12 @@ class Predictor:
         if k == 1:  # extra choices are free on the one-pass path: bucket them too
             c = 1 << (c - 1).bit_length()
         first_rows, groups = _prompt_groups(chunk)
-        size, length, slots = self._layout(chunk, k, self._use_states or len(first_rows) == 1)
-        length = self.max_length if slots else length  # packed: one shape per stream size
+        size, length, slots = self._layout(chunk, k)
         pad = self.backbone.pad_id
         tokens = np.full((size, length), pad, np.int32)
         mask = np.zeros((size, length), np.int32)
         choices = np.full((size, c, k), pad, np.int32)
         choice_mask = np.zeros((size, c, k), np.int32)
-        shared = len(first_rows) == 1 or self._use_states
-        prompt = chunk[0].prompt if shared else np.empty((size, *chunk[0].prompt.shape), np.float32)
         for i, row in enumerate(chunk):
             context = row.context[-length:]
             tokens[i, length - len(context) :] = context
@@ -476,10 +479,6 @@ class Predictor:
             for j, answer in enumerate(row.answers):
                 choices[i, j, : len(answer)] = answer
                 choice_mask[i, j, : len(answer)] = 1
-            if not shared:
-                prompt[i] = row.prompt
-        if not shared:
-            prompt[len(chunk) :] = chunk[0].prompt  # padding rows (fully masked): any valid prompt
         batch = {
             "tokens": tokens,
             "mask": mask,
@@ -489,25 +488,28 @@ class Predictor:
         }
         if slots:
             batch["pack"] = np.zeros(slots, np.int8)
+        index = np.zeros(size, np.int32)  # padding rows: prompt 0 (they are fully masked)
+        index[: len(chunk)] = groups
         if self._use_states:
             prompt = self._stacked_states([chunk[i].prompt for i in first_rows])
-            batch["prompt_index"] = np.zeros(size, np.int32)  # padding rows: prompt 0 (masked)
-            batch["prompt_index"][: len(chunk)] = groups
-        elif 1 < len(first_rows) < len(chunk):  # some rows share a prompt: name the groups
-            batch["prompt_rows"] = np.zeros(_row_bucket(len(first_rows), self.batch_size), np.int32)
-            batch["prompt_rows"][: len(first_rows)] = first_rows  # padded: few compiled shapes
-            batch["prompt_index"] = np.zeros(size, np.int32)  # padding rows: group 0 (masked)
-            batch["prompt_index"][: len(chunk)] = groups
-        return prompt, batch
+            batch["prompt_index"] = index
+        elif len(first_rows) == 1:
+            prompt = chunk[0].prompt
+        else:  # per-row prompts; padding rows take any valid one
+            prompt = np.stack([r.prompt for r in chunk] + [chunk[0].prompt] * (size - len(chunk)))
+            if len(first_rows) < len(chunk):  # some rows share a prompt: name the groups
+                rows = np.zeros(_row_bucket(len(first_rows), self.batch_size), np.int32)
+                rows[: len(first_rows)] = first_rows  # padded to a power of two: few shapes
+                batch["prompt_rows"], batch["prompt_index"] = rows, index
+        return prompt, batch, len(first_rows)
 
     def _run(self, prompt: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
         """One forward pass: [B, n_choices] log-likelihoods."""
         return np.asarray(self.backbone.score(prompt, batch), np.float32)
 
     def _score_batch(self, chunk: Sequence[_Row], k: int) -> np.ndarray:
-        prompt, batch = self._make_batch(chunk, k)
+        prompt, batch, distinct = self._make_batch(chunk, k)
         scores = self._run(prompt, batch)
-        distinct = len({id(row.prompt) for row in chunk})
         with self._lock:
             self.stats["batches"] += 1
             self.stats["rows"] += len(chunk)
