@@ -51,6 +51,7 @@ def train(
     max_length: int | None = None,
     seed: int | None = None,
     objective: Annotated[str | None, typer.Option(help="lm (default) | choices")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant (default) | linear | cosine")] = None,
 ) -> None:
     """Prompt-tune a task; writes key (early) and value (best) prompts into OUT."""
     from spot import backbones
@@ -62,7 +63,7 @@ def train(
                      eval_every=eval_every, eval_examples=eval_examples, batch_size=batch_size,
                      prompt_length=prompt_length, init=init, optimizer=optimizer,
                      learning_rate=learning_rate, max_length=max_length, seed=seed,
-                     objective=objective)
+                     objective=objective, schedule=schedule)
     try:
         if config is not None:
             cfg = TrainConfig.from_file(config, **overrides)

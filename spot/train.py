@@ -40,6 +40,7 @@ class TrainingError(RuntimeError):
 
 
 OBJECTIVES = ("lm", "choices")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ class TrainConfig:
     max_length: int = 128
     seed: int = 0
     objective: str = "lm"  # lm: gold answer's token cross-entropy | choices: softmax over choices
+    schedule: str = "constant"  # constant (the reference) | linear | cosine: decay to 0 at `steps`
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.prompt_length < 1:
@@ -70,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r} (adafactor, adam)")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r} ({', '.join(OBJECTIVES)})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r} ({', '.join(SCHEDULES)})")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -93,15 +97,26 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
+def learning_rate_schedule(learning_rate: float, schedule: str, steps: int) -> optax.Schedule:
+    """The step -> learning rate function: constant, or a linear or cosine decay to 0 at `steps`."""
+    if schedule == "linear":
+        return optax.linear_schedule(learning_rate, 0.0, steps)
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(learning_rate, steps)
+    return optax.constant_schedule(learning_rate)
+
+
 @functools.lru_cache(maxsize=16)
 def make_optimizer(
-    name: str, learning_rate: float, decay_rate: float, weight_decay: float
+    name: str, learning_rate: float, decay_rate: float, weight_decay: float,
+    schedule: str = "constant", steps: int = 1,
 ) -> optax.GradientTransformation:
     """Adafactor with the reference's defaults (constant lr, decay 0.8, no parameter scaling)."""
+    lr = learning_rate_schedule(learning_rate, schedule, steps)
     if name == "adam":
-        return optax.adamw(learning_rate, weight_decay=weight_decay)
+        return optax.adamw(lr, weight_decay=weight_decay)
     return optax.adafactor(
-        learning_rate=learning_rate,
+        learning_rate=lr,
         decay_rate=decay_rate,
         multiply_by_parameter_scale=False,
         weight_decay_rate=weight_decay,
@@ -213,7 +228,8 @@ def train(
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
     optimizer = make_optimizer(
-        config.optimizer, config.learning_rate, config.decay_rate, config.weight_decay
+        config.optimizer, config.learning_rate, config.decay_rate, config.weight_decay,
+        config.schedule, config.steps,
     )
     step_fn = make_train_step(backbone, optimizer, mesh, config.objective)
     pack = backbone.packing and mesh.size == 1  # a packed stream has no batch axis to split

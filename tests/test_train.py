@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 from tiny_tasks import polarity_task
 
 from library.prompt_file import load_prompt
 from spot.backbones.base import BackboneError
 from spot.batching import encode, make_batch
-from spot.train import TrainConfig, TrainingError, choice_loss, train
+from spot.train import TrainConfig, TrainingError, choice_loss, learning_rate_schedule, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(task="tiny_polarity", backbone="tiny", prompt_length=4, batch_size=8, steps=24,
@@ -73,6 +74,25 @@ def test_resume_equals_uninterrupted(tiny_llama, tmp_path):
     np.testing.assert_array_equal(resumed.key, full.key)
     assert resumed.history == full.history or [r["accuracy"] for r in resumed.history] == [
         r["accuracy"] for r in full.history]
+
+
+def test_decaying_schedule_resumes_where_it_stopped(tiny_llama, tmp_path):
+    linear, cosine = (learning_rate_schedule(0.3, name, 24) for name in ("linear", "cosine"))
+    np.testing.assert_allclose([linear(0), linear(12), linear(24)], [0.3, 0.15, 0.0], atol=1e-7)
+    np.testing.assert_allclose([cosine(0), cosine(12), cosine(24)], [0.3, 0.15, 0.0], atol=1e-7)
+    config = TrainConfig(**{**FAST, "schedule": "linear"})
+    full = train(tiny_llama, polarity_task(), config, tmp_path / "full", show_progress=False)
+    part = tmp_path / "part"
+    train(tiny_llama, polarity_task(), config, part, show_progress=False, stop_after=13)
+    resumed = train(tiny_llama, polarity_task(), config, part, show_progress=False)
+    np.testing.assert_array_equal(resumed.value, full.value)
+    final = [load_file(str(run / "state.safetensors"))["prompt"] for run in (part, tmp_path / "full")]
+    np.testing.assert_array_equal(*final)  # the decay went on from step 13, not from the start
+    constant = train(tiny_llama, polarity_task(), TrainConfig(**FAST), tmp_path / "constant",
+                     show_progress=False)
+    assert not np.array_equal(full.key, constant.key)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TrainConfig(**{**FAST, "schedule": "step"})
 
 
 def test_config_mismatch_and_file(tmp_path, tiny_llama):
