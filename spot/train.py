@@ -111,7 +111,8 @@ def make_optimizer(
     name: str, learning_rate: float, decay_rate: float, weight_decay: float,
     schedule: str = "constant", steps: int = 1,
 ) -> optax.GradientTransformation:
-    """Adafactor with the reference's defaults (constant lr, decay 0.8, no parameter scaling)."""
+    """Adafactor with the reference's defaults (constant lr, decay 0.8, no parameter scaling);
+    `schedule` may decay the learning rate to 0 over `steps` instead."""
     lr = learning_rate_schedule(learning_rate, schedule, steps)
     if name == "adam":
         return optax.adamw(lr, weight_decay=weight_decay)
