@@ -64,8 +64,9 @@ def test_choices_objective(tiny_llama, tmp_path):
         TrainConfig(**{**FAST, "objective": "hinge"})
 
 
-def test_resume_equals_uninterrupted(tiny_llama, tmp_path):
-    config = TrainConfig(**FAST)
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_resume_equals_uninterrupted(tiny_llama, tmp_path, schedule):
+    config = TrainConfig(**{**FAST, "schedule": schedule})
     full = train(tiny_llama, polarity_task(), config, tmp_path / "full", show_progress=False)
     part = tmp_path / "part"
     train(tiny_llama, polarity_task(), config, part, show_progress=False, stop_after=13)
@@ -74,25 +75,23 @@ def test_resume_equals_uninterrupted(tiny_llama, tmp_path):
     np.testing.assert_array_equal(resumed.key, full.key)
     assert resumed.history == full.history or [r["accuracy"] for r in resumed.history] == [
         r["accuracy"] for r in full.history]
+    final = [load_file(str(run / "state.safetensors"))["prompt"] for run in (part, tmp_path / "full")]
+    np.testing.assert_array_equal(*final)  # a decay goes on from step 13, not from the start
 
 
-def test_decaying_schedule_resumes_where_it_stopped(tiny_llama, tmp_path):
+def test_learning_rate_schedules():
     linear, cosine = (learning_rate_schedule(0.3, name, 24) for name in ("linear", "cosine"))
     np.testing.assert_allclose([linear(0), linear(12), linear(24)], [0.3, 0.15, 0.0], atol=1e-7)
     np.testing.assert_allclose([cosine(0), cosine(12), cosine(24)], [0.3, 0.15, 0.0], atol=1e-7)
-    config = TrainConfig(**{**FAST, "schedule": "linear"})
-    full = train(tiny_llama, polarity_task(), config, tmp_path / "full", show_progress=False)
-    part = tmp_path / "part"
-    train(tiny_llama, polarity_task(), config, part, show_progress=False, stop_after=13)
-    resumed = train(tiny_llama, polarity_task(), config, part, show_progress=False)
-    np.testing.assert_array_equal(resumed.value, full.value)
-    final = [load_file(str(run / "state.safetensors"))["prompt"] for run in (part, tmp_path / "full")]
-    np.testing.assert_array_equal(*final)  # the decay went on from step 13, not from the start
-    constant = train(tiny_llama, polarity_task(), TrainConfig(**FAST), tmp_path / "constant",
-                     show_progress=False)
-    assert not np.array_equal(full.key, constant.key)
     with pytest.raises(ValueError, match="unknown schedule"):
         TrainConfig(**{**FAST, "schedule": "step"})
+
+
+def test_decay_reaches_the_optimizer(tiny_llama, tmp_path):
+    short = {**FAST, "steps": 8, "key_step": 8, "eval_every": 8}
+    keys = [train(tiny_llama, polarity_task(), TrainConfig(**short, schedule=name),
+                  tmp_path / name, show_progress=False).key for name in ("constant", "linear")]
+    assert not np.array_equal(*keys)
 
 
 def test_config_mismatch_and_file(tmp_path, tiny_llama):
