@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spot.backbones import llama
-from spot.train import TrainConfig, data_mesh, make_optimizer, make_train_step
+from spot.train import TrainConfig, data_mesh, make_train_step, optimizer_for
 
 DEFAULTS = TrainConfig(task="benchmark")  # the trainer's optimizer defaults
 
@@ -29,8 +29,7 @@ class OursTrain:
 
     def __init__(self, backbone, prompt, batches):
         self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
-        self.optimizer = make_optimizer(DEFAULTS.optimizer, DEFAULTS.learning_rate,
-                                        DEFAULTS.decay_rate, DEFAULTS.weight_decay)
+        self.optimizer = optimizer_for(DEFAULTS)
         self.step_fn = make_train_step(backbone, self.optimizer, data_mesh())
         self.prompt = jnp.array(prompt)  # a copy: the step donates its prompt buffer
         self.state = self.optimizer.init(self.prompt)

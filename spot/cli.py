@@ -52,6 +52,9 @@ def train(
     seed: int | None = None,
     objective: Annotated[str | None, typer.Option(help="lm (default) | choices")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant (default) | linear | cosine")] = None,
+    reparameterization: Annotated[str | None, typer.Option(
+        help="none (default) | residual (an MLP over the prompt, training only; width and "
+             "learning-rate scale in the config file)")] = None,
 ) -> None:
     """Prompt-tune a task; writes key (early) and value (best) prompts into OUT."""
     from spot import backbones
@@ -63,7 +66,8 @@ def train(
                      eval_every=eval_every, eval_examples=eval_examples, batch_size=batch_size,
                      prompt_length=prompt_length, init=init, optimizer=optimizer,
                      learning_rate=learning_rate, max_length=max_length, seed=seed,
-                     objective=objective, schedule=schedule)
+                     objective=objective, schedule=schedule,
+                     reparameterization=reparameterization)
     try:
         if config is not None:
             cfg = TrainConfig.from_file(config, **overrides)

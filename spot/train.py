@@ -2,7 +2,7 @@
 
 A run directory holds:
     config.json            the TrainConfig
-    state.safetensors      prompt + optimizer state + step + best score (resume point)
+    state.safetensors      trainable parameters + optimizer state + step + best score (resume point)
     key.safetensors        the prompt at `key_step` (task embedding for retrieval)
     value.safetensors      the best-validation prompt (transfer initialisation)
     metrics.jsonl          one line per evaluation
@@ -33,6 +33,13 @@ from spot.batching import encode, make_batch, train_rows
 from spot.evaluation import evaluate, subset
 from spot.progress import progress_bar
 from spot.prompts import initial_prompt, load_for_backbone, save_for_backbone
+from spot.reparameterization import (
+    REPARAMETERIZATIONS,
+    Trainable,
+    effective_prompt,
+    group_labels,
+    init_trainable,
+)
 
 
 class TrainingError(RuntimeError):
@@ -62,6 +69,9 @@ class TrainConfig:
     seed: int = 0
     objective: str = "lm"  # lm: gold answer's token cross-entropy | choices: softmax over choices
     schedule: str = "constant"  # constant (the reference) | linear | cosine: decay to 0 at `steps`
+    reparameterization: str = "none"  # none (the reference) | residual (see spot.reparameterization)
+    reparam_hidden: int = 256  # the residual MLP's width
+    reparam_lr_scale: float = 0.1  # the MLP's learning rate, relative to the prompt's
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.prompt_length < 1:
@@ -74,6 +84,11 @@ class TrainConfig:
             raise ValueError(f"unknown objective {self.objective!r} ({', '.join(OBJECTIVES)})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r} ({', '.join(SCHEDULES)})")
+        if self.reparameterization not in REPARAMETERIZATIONS:
+            raise ValueError(f"unknown reparameterization {self.reparameterization!r} "
+                             f"({', '.join(REPARAMETERIZATIONS)})")
+        if self.reparam_hidden < 1 or not self.reparam_lr_scale > 0:
+            raise ValueError("reparam_hidden and reparam_lr_scale must be positive")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -124,6 +139,27 @@ def make_optimizer(
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _grouped(
+    prompt: optax.GradientTransformation, reparam: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    # Cached on the (cached) parts, so equal configs share one optimizer and one compiled step.
+    return optax.multi_transform({"prompt": prompt, "reparam": reparam}, group_labels)
+
+
+def optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
+    """The run's optimizer; a reparameterization's MLP learns at `reparam_lr_scale` x the rate."""
+
+    def at(learning_rate: float) -> optax.GradientTransformation:
+        return make_optimizer(config.optimizer, learning_rate, config.decay_rate,
+                              config.weight_decay, config.schedule, config.steps)
+
+    prompt = at(config.learning_rate)
+    if config.reparameterization == "none":
+        return prompt
+    return _grouped(prompt, at(config.learning_rate * config.reparam_lr_scale))
+
+
 @functools.lru_cache(maxsize=1)
 def data_mesh() -> Mesh:
     """A 1-D mesh over every local device; batches are split along it."""
@@ -147,16 +183,20 @@ def choice_loss(score_fn):
 def make_train_step(
     backbone: Backbone, optimizer: optax.GradientTransformation, mesh: Mesh, objective: str = "lm"
 ):
-    """Jitted step: gradient w.r.t. the prompt only (the frozen params are a plain argument).
-    Cached, so runs on one backbone with one optimizer compile once per batch shape."""
+    """Jitted step: gradient w.r.t. the trainable prompt parameters only (the frozen params are a
+    plain argument). Cached, so runs on one backbone with one optimizer compile once per batch
+    shape."""
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
     loss_fn = backbone.loss_fn if objective == "lm" else choice_loss(backbone.score_fn)
 
-    def step(params, prompt, opt_state, batch, rng):
-        loss, grad = jax.value_and_grad(loss_fn, argnums=1)(params, prompt, batch, rng)
-        updates, opt_state = optimizer.update(grad, opt_state, prompt)
-        return optax.apply_updates(prompt, updates), opt_state, loss
+    def step(params, trainable, opt_state, batch, rng):
+        def loss_of(t):
+            return loss_fn(params, effective_prompt(t), batch, rng)
+
+        loss, grad = jax.value_and_grad(loss_of)(trainable)
+        updates, opt_state = optimizer.update(grad, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
 
     return jax.jit(
         step,
@@ -166,9 +206,18 @@ def make_train_step(
     )
 
 
-def _save_state(path: Path, prompt, opt_state, step: int, best: float, best_step: int) -> None:
+def _trainable_tensors(trainable: Trainable) -> dict[str, np.ndarray]:
+    """"prompt" (and "reparam/<name>" for a reparameterization's other parameters)."""
+    if not isinstance(trainable, dict):
+        return {"prompt": np.asarray(trainable)}
+    return {k if k == "prompt" else f"reparam/{k}": np.asarray(v) for k, v in trainable.items()}
+
+
+def _save_state(
+    path: Path, trainable: Trainable, opt_state, step: int, best: float, best_step: int
+) -> None:
     leaves = jax.tree_util.tree_leaves(opt_state)
-    tensors = {"prompt": np.asarray(prompt)}
+    tensors = _trainable_tensors(trainable)
     tensors |= {f"opt/{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     meta = {"step": str(step), "best": repr(best), "best_step": str(best_step)}
     tmp = path.with_suffix(".tmp")
@@ -177,17 +226,22 @@ def _save_state(path: Path, prompt, opt_state, step: int, best: float, best_step
     tmp.unlink()
 
 
-def _load_state(path: Path, opt_template):
+def _load_state(path: Path, trainable_template: Trainable, opt_template):
     from safetensors import safe_open
 
     tensors = load_file(str(path))
     with safe_open(str(path), "np") as handle:
         meta = handle.metadata()
+    loaded = {name: jnp.asarray(tensors[name]) for name in _trainable_tensors(trainable_template)}
+    trainable = (
+        {k.removeprefix("reparam/"): v for k, v in loaded.items()}
+        if isinstance(trainable_template, dict) else loaded["prompt"]
+    )
     template, treedef = jax.tree_util.tree_flatten(opt_template)
     leaves = [jnp.asarray(tensors[f"opt/{i}"], dtype=t.dtype) for i, t in enumerate(template)]
     opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
     return (
-        jnp.asarray(tensors["prompt"]),
+        trainable,
         opt_state,
         int(meta["step"]),
         float(meta["best"]),
@@ -228,10 +282,7 @@ def train(
     mesh = data_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
-    optimizer = make_optimizer(
-        config.optimizer, config.learning_rate, config.decay_rate, config.weight_decay,
-        config.schedule, config.steps,
-    )
+    optimizer = optimizer_for(config)
     step_fn = make_train_step(backbone, optimizer, mesh, config.objective)
     pack = backbone.packing and mesh.size == 1  # a packed stream has no batch axis to split
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
@@ -241,11 +292,13 @@ def train(
             backbone, config.init, config.prompt_length, config.seed, list(train_examples[0].choices)
         )
     )
-    opt_state = optimizer.init(prompt)
+    trainable = init_trainable(config.reparameterization, prompt, config.reparam_hidden,
+                               config.seed)
+    opt_state = optimizer.init(trainable)
     step, best, best_step = 0, -math.inf, 0
     state_path = out / "state.safetensors"
     if state_path.is_file():
-        prompt, opt_state, step, best, best_step = _load_state(state_path, opt_state)
+        trainable, opt_state, step, best, best_step = _load_state(state_path, trainable, opt_state)
     history = _read_history(out, step)
 
     def validate(p) -> float:
@@ -267,13 +320,15 @@ def train(
                                batch_size=config.batch_size, pack=pack)
             batch = jax.device_put(batch, sharded)
             rng = jax.random.fold_in(base_key, step)
-            new_prompt, new_opt, loss = step_fn(backbone.params, prompt, opt_state, batch, rng)
+            new_trainable, new_opt, loss = step_fn(backbone.params, trainable, opt_state, batch,
+                                                   rng)
             loss = float(loss)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss is {loss} at step {step + 1}; the last good checkpoint in {out} is kept"
                 )
-            prompt, opt_state, step = new_prompt, new_opt, step + 1
+            trainable, opt_state, step = new_trainable, new_opt, step + 1
+            prompt = effective_prompt(trainable)
             seen += config.batch_size
             rate = seen / (time.perf_counter() - started)
             bar.update(step, loss=loss, rate=rate)
@@ -293,7 +348,7 @@ def train(
                 with open(out / "metrics.jsonl", "a") as log:
                     log.write(json.dumps(record) + "\n")
             if step % config.eval_every == 0 or step in (config.key_step, config.steps):
-                _save_state(state_path, prompt, opt_state, step, best, best_step)
+                _save_state(state_path, trainable, opt_state, step, best, best_step)
     value, _ = load_for_backbone(out / "value.safetensors", backbone) if best_step else (None, None)
     key, _ = load_for_backbone(out / "key.safetensors", backbone) if step >= config.key_step else (None, None)
     return TrainResult(out, value, best, best_step, key, metric, history)

@@ -22,6 +22,7 @@ from tiny_tasks import polarity_task
 from library.prompt_file import load_prompt
 from spot.backbones.base import BackboneError
 from spot.batching import encode, make_batch
+from spot.reparameterization import effective_prompt, init_trainable
 from spot.train import TrainConfig, TrainingError, choice_loss, learning_rate_schedule, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +65,10 @@ def test_choices_objective(tiny_llama, tmp_path):
         TrainConfig(**{**FAST, "objective": "hinge"})
 
 
-@pytest.mark.parametrize("schedule", ["constant", "linear"])
-def test_resume_equals_uninterrupted(tiny_llama, tmp_path, schedule):
-    config = TrainConfig(**{**FAST, "schedule": schedule})
+@pytest.mark.parametrize(("schedule", "reparameterization"),
+                         [("constant", "none"), ("linear", "none"), ("constant", "residual")])
+def test_resume_equals_uninterrupted(tiny_llama, tmp_path, schedule, reparameterization):
+    config = TrainConfig(**{**FAST, "schedule": schedule, "reparameterization": reparameterization})
     full = train(tiny_llama, polarity_task(), config, tmp_path / "full", show_progress=False)
     part = tmp_path / "part"
     train(tiny_llama, polarity_task(), config, part, show_progress=False, stop_after=13)
@@ -75,8 +77,34 @@ def test_resume_equals_uninterrupted(tiny_llama, tmp_path, schedule):
     np.testing.assert_array_equal(resumed.key, full.key)
     assert resumed.history == full.history or [r["accuracy"] for r in resumed.history] == [
         r["accuracy"] for r in full.history]
-    final = [load_file(str(run / "state.safetensors"))["prompt"] for run in (part, tmp_path / "full")]
-    np.testing.assert_array_equal(*final)  # a decay goes on from step 13, not from the start
+    final = [load_file(str(run / "state.safetensors")) for run in (part, tmp_path / "full")]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:  # a decay goes on from step 13, not from the start; the MLP resumes too
+        np.testing.assert_array_equal(final[0][name], final[1][name])
+
+
+def test_residual_reparameterization(tiny_llama, tmp_path):
+    prompt = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32)), jnp.float32)
+    trainable = init_trainable("residual", prompt, hidden=16, seed=0)
+    np.testing.assert_array_equal(effective_prompt(trainable), prompt)  # starts at the init
+    with pytest.raises(ValueError, match="unknown reparameterization"):
+        TrainConfig(**{**FAST, "reparameterization": "lstm"})
+    before = jax.tree_util.tree_map(np.array, tiny_llama.params)
+    config = TrainConfig(**{**FAST, "reparameterization": "residual", "reparam_hidden": 16})
+    result = train(tiny_llama, polarity_task(), config, tmp_path, show_progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(tiny_llama.params),
+                    strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))  # frozen weights bit-identical
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < losses[0]
+    state = load_file(str(tmp_path / "state.safetensors"))
+    assert state["reparam/w1"].shape == (32, 16) and state["reparam/w2"].shape == (16, 32)
+    assert np.abs(state["reparam/w2"]).max() > 0  # the MLP learned
+    final = effective_prompt({k.removeprefix("reparam/"): jnp.asarray(v)
+                              for k, v in state.items() if not k.startswith("opt/")})
+    assert not np.allclose(final, state["prompt"])  # ... and changes the prompt the model sees
+    value, meta = load_prompt(tmp_path / "value.safetensors")
+    assert value.shape == (4, 32) and meta["role"] == "value"
 
 
 def test_learning_rate_schedules():
