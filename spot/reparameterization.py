@@ -11,7 +11,6 @@ saved key and value is the `[L, d]` prompt they produce, so nothing downstream c
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +46,6 @@ def effective_prompt(trainable: Trainable) -> jax.Array:
     return p + h @ trainable["w2"] + trainable["b2"]  # [L, hidden] -> [L, d]
 
 
-def group_labels(trainable: Trainable) -> Any:
-    """Per-leaf optimizer group: "prompt" for the prompt, "reparam" for the MLP."""
-    if not isinstance(trainable, dict):
-        return "prompt"
+def group_labels(trainable: dict[str, jax.Array]) -> dict[str, str]:
+    """Optimizer group of each reparameterized parameter: "prompt" or "reparam" (the MLP)."""
     return {name: "prompt" if name == "prompt" else "reparam" for name in trainable}
