@@ -287,13 +287,11 @@ def train(
     pack = backbone.packing and mesh.size == 1  # a packed stream has no batch axis to split
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
 
-    prompt = jnp.asarray(
-        initial_prompt(
-            backbone, config.init, config.prompt_length, config.seed, list(train_examples[0].choices)
-        )
+    initial = initial_prompt(
+        backbone, config.init, config.prompt_length, config.seed, list(train_examples[0].choices)
     )
-    trainable = init_trainable(config.reparameterization, prompt, config.reparam_hidden,
-                               config.seed)
+    trainable = init_trainable(config.reparameterization, jnp.asarray(initial),
+                               config.reparam_hidden, config.seed)
     opt_state = optimizer.init(trainable)
     step, best, best_step = 0, -math.inf, 0
     state_path = out / "state.safetensors"
@@ -328,14 +326,15 @@ def train(
                     f"loss is {loss} at step {step + 1}; the last good checkpoint in {out} is kept"
                 )
             trainable, opt_state, step = new_trainable, new_opt, step + 1
-            prompt = effective_prompt(trainable)
             seen += config.batch_size
             rate = seen / (time.perf_counter() - started)
             bar.update(step, loss=loss, rate=rate)
             if step == config.key_step:
-                save_for_backbone(out / "key.safetensors", prompt, backbone, task=task.name,
-                                  role="key", step=step, init=config.init, seed=config.seed)
+                save_for_backbone(out / "key.safetensors", effective_prompt(trainable), backbone,
+                                  task=task.name, role="key", step=step, init=config.init,
+                                  seed=config.seed)
             if step % config.eval_every == 0 or step == config.steps:
+                prompt = effective_prompt(trainable)
                 score = validate(prompt)
                 record = {"step": step, "loss": loss, metric: score, "examples_per_s": rate}
                 history.append(record)
