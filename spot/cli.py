@@ -55,6 +55,11 @@ def train(
     reparameterization: Annotated[str | None, typer.Option(
         help="none (default) | residual (an MLP over the prompt, training only; width and "
              "learning-rate scale in the config file)")] = None,
+    prompt_ema: Annotated[float | None, typer.Option(
+        help="decay of an exponential moving average of the prompt; keys, values and "
+             "validation use the average (default 0: the prompt itself)")] = None,
+    balance_classes: Annotated[bool | None, typer.Option(
+        help="batches take the classes in turn (equal shares) instead of uniform sampling")] = None,
 ) -> None:
     """Prompt-tune a task; writes key (early) and value (best) prompts into OUT."""
     from spot import backbones
@@ -67,7 +72,8 @@ def train(
                      prompt_length=prompt_length, init=init, optimizer=optimizer,
                      learning_rate=learning_rate, max_length=max_length, seed=seed,
                      objective=objective, schedule=schedule,
-                     reparameterization=reparameterization)
+                     reparameterization=reparameterization, prompt_ema=prompt_ema,
+                     balance_classes=balance_classes)
     try:
         if config is not None:
             cfg = TrainConfig.from_file(config, **overrides)

@@ -2,7 +2,8 @@
 
 A run directory holds:
     config.json            the TrainConfig
-    state.safetensors      trainable parameters + optimizer state + step + best score (resume point)
+    state.safetensors      trainable parameters (+ the prompt's EMA) + optimizer state + step +
+                           best score (resume point)
     key.safetensors        the prompt at `key_step` (task embedding for retrieval)
     value.safetensors      the best-validation prompt (transfer initialisation)
     metrics.jsonl          one line per evaluation
@@ -29,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 
 from library.atomic import atomic_write
 from spot.backbones.base import Backbone
-from spot.batching import encode, make_batch, train_rows
+from spot.batching import balanced_train_rows, encode, make_batch, train_rows
 from spot.evaluation import evaluate, subset
 from spot.progress import progress_bar
 from spot.prompts import initial_prompt, load_for_backbone, save_for_backbone
@@ -72,6 +73,8 @@ class TrainConfig:
     reparameterization: str = "none"  # none (the reference) | residual (see spot.reparameterization)
     reparam_hidden: int = 256  # the residual MLP's width
     reparam_lr_scale: float = 0.1  # the MLP's learning rate, relative to the prompt's
+    prompt_ema: float = 0.0  # > 0: keys, values and evaluations use an EMA of the prompt
+    balance_classes: bool = False  # batches take the classes in turn (see balanced_train_rows)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.prompt_length < 1:
@@ -89,6 +92,8 @@ class TrainConfig:
                              f"({', '.join(REPARAMETERIZATIONS)})")
         if self.reparam_hidden < 1 or not self.reparam_lr_scale > 0:
             raise ValueError("reparam_hidden and reparam_lr_scale must be positive")
+        if not 0 <= self.prompt_ema < 1:
+            raise ValueError(f"prompt_ema {self.prompt_ema} must lie in [0, 1)")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -214,10 +219,13 @@ def _trainable_tensors(trainable: Trainable) -> dict[str, np.ndarray]:
 
 
 def _save_state(
-    path: Path, trainable: Trainable, opt_state, step: int, best: float, best_step: int
+    path: Path, trainable: Trainable, average: jax.Array | None, opt_state, step: int,
+    best: float, best_step: int,
 ) -> None:
     leaves = jax.tree_util.tree_leaves(opt_state)
     tensors = _trainable_tensors(trainable)
+    if average is not None:
+        tensors["prompt_ema"] = np.asarray(average)
     tensors |= {f"opt/{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     meta = {"step": str(step), "best": repr(best), "best_step": str(best_step)}
     tmp = path.with_suffix(".tmp")
@@ -226,7 +234,7 @@ def _save_state(
     tmp.unlink()
 
 
-def _load_state(path: Path, trainable_template: Trainable, opt_template):
+def _load_state(path: Path, trainable_template: Trainable, with_average: bool, opt_template):
     from safetensors import safe_open
 
     tensors = load_file(str(path))
@@ -242,6 +250,7 @@ def _load_state(path: Path, trainable_template: Trainable, opt_template):
     opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
     return (
         trainable,
+        jnp.asarray(tensors["prompt_ema"]) if with_average else None,
         opt_state,
         int(meta["step"]),
         float(meta["best"]),
@@ -293,15 +302,21 @@ def train(
     trainable = init_trainable(config.reparameterization, jnp.asarray(initial),
                                config.reparam_hidden, config.seed)
     opt_state = optimizer.init(trainable)
+    # The prompt that is evaluated and saved: the current one, or an EMA starting at the initial.
+    average = jnp.copy(effective_prompt(trainable)) if config.prompt_ema else None  # step donates
     step, best, best_step = 0, -math.inf, 0
     state_path = out / "state.safetensors"
     if state_path.is_file():
-        trainable, opt_state, step, best, best_step = _load_state(state_path, trainable, opt_state)
+        trainable, average, opt_state, step, best, best_step = _load_state(
+            state_path, trainable, average is not None, opt_state)
     history = _read_history(out, step)
 
     def validate(p) -> float:
         return evaluate(backbone, p, _Fixed(task, valid_examples), "validation",
                         max_length=config.max_length)[metric]
+
+    def current() -> jax.Array:
+        return effective_prompt(trainable) if average is None else average
 
     base_key = jax.random.PRNGKey(config.seed)
     started, seen = time.perf_counter(), 0
@@ -313,7 +328,11 @@ def train(
         while step < config.steps:
             if stop_after is not None and seen >= stop_after * config.batch_size:
                 break
-            rows = train_rows(len(encoded), config.batch_size, step, config.seed)
+            rows = (
+                balanced_train_rows(encoded.labels, config.batch_size, step, config.seed)
+                if config.balance_classes
+                else train_rows(len(encoded), config.batch_size, step, config.seed)
+            )
             batch = make_batch(encoded, rows, backbone.pad_id, max_length=config.max_length,
                                batch_size=config.batch_size, pack=pack)
             batch = jax.device_put(batch, sharded)
@@ -326,15 +345,17 @@ def train(
                     f"loss is {loss} at step {step + 1}; the last good checkpoint in {out} is kept"
                 )
             trainable, opt_state, step = new_trainable, new_opt, step + 1
+            if average is not None:
+                average = _ema_update(average, effective_prompt(trainable), config.prompt_ema)
             seen += config.batch_size
             rate = seen / (time.perf_counter() - started)
             bar.update(step, loss=loss, rate=rate)
             if step == config.key_step:
-                save_for_backbone(out / "key.safetensors", effective_prompt(trainable), backbone,
+                save_for_backbone(out / "key.safetensors", current(), backbone,
                                   task=task.name, role="key", step=step, init=config.init,
                                   seed=config.seed)
             if step % config.eval_every == 0 or step == config.steps:
-                prompt = effective_prompt(trainable)
+                prompt = current()
                 score = validate(prompt)
                 record = {"step": step, "loss": loss, metric: score, "examples_per_s": rate}
                 history.append(record)
@@ -347,10 +368,15 @@ def train(
                 with open(out / "metrics.jsonl", "a") as log:
                     log.write(json.dumps(record) + "\n")
             if step % config.eval_every == 0 or step in (config.key_step, config.steps):
-                _save_state(state_path, trainable, opt_state, step, best, best_step)
+                _save_state(state_path, trainable, average, opt_state, step, best, best_step)
     value, _ = load_for_backbone(out / "value.safetensors", backbone) if best_step else (None, None)
     key, _ = load_for_backbone(out / "key.safetensors", backbone) if step >= config.key_step else (None, None)
     return TrainResult(out, value, best, best_step, key, metric, history)
+
+
+@jax.jit
+def _ema_update(average: jax.Array, prompt: jax.Array, decay: float) -> jax.Array:
+    return decay * average + (1 - decay) * prompt
 
 
 def _read_history(out: Path, step: int) -> list[dict[str, Any]]:

@@ -16,12 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 from tiny_tasks import polarity_task
 
 from library.prompt_file import load_prompt
 from spot.backbones.base import BackboneError
-from spot.batching import encode, make_batch
+from spot.batching import balanced_train_rows, encode, make_batch
+from spot.prompts import initial_prompt
 from spot.reparameterization import effective_prompt, init_trainable
 from spot.train import TrainConfig, TrainingError, choice_loss, learning_rate_schedule, train
 
@@ -74,10 +77,10 @@ def test_choices_objective(tiny_llama, tmp_path):
         TrainConfig(**{**FAST, "objective": "hinge"})
 
 
-@pytest.mark.parametrize(("schedule", "reparameterization"),
-                         [("constant", "none"), ("linear", "none"), ("constant", "residual")])
-def test_resume_equals_uninterrupted(tiny_llama, tmp_path, schedule, reparameterization):
-    config = TrainConfig(**{**FAST, "schedule": schedule, "reparameterization": reparameterization})
+@pytest.mark.parametrize("options", [{}, {"schedule": "linear"}, {"reparameterization": "residual"},
+                                     {"prompt_ema": 0.9, "balance_classes": True}])
+def test_resume_equals_uninterrupted(tiny_llama, tmp_path, options):
+    config = TrainConfig(**{**FAST, **options})
     full = train(tiny_llama, polarity_task(), config, tmp_path / "full", show_progress=False)
     part = tmp_path / "part"
     train(tiny_llama, polarity_task(), config, part, show_progress=False, stop_after=13)
@@ -88,8 +91,49 @@ def test_resume_equals_uninterrupted(tiny_llama, tmp_path, schedule, reparameter
         r["accuracy"] for r in full.history]
     final = [load_file(str(run / "state.safetensors")) for run in (part, tmp_path / "full")]
     assert final[0].keys() == final[1].keys()
-    for name in final[0]:  # a decay goes on from step 13, not from the start; the MLP resumes too
+    for name in final[0]:  # a decay goes on from step 13, not from the start; MLP and EMA too
         np.testing.assert_array_equal(final[0][name], final[1][name])
+
+
+def test_prompt_ema_is_evaluated_and_saved_without_changing_training(tiny_llama, tmp_path):
+    config = TrainConfig(**{**FAST, "steps": 6, "key_step": 3, "eval_every": 1})
+    prompts = [initial_prompt(tiny_llama, config.init, 4, config.seed)]
+    for _ in range(config.steps):  # the plain run, one step per call, to read every prompt
+        train(tiny_llama, polarity_task(), config, tmp_path / "plain", show_progress=False,
+              stop_after=1)
+        prompts.append(load_file(str(tmp_path / "plain" / "state.safetensors"))["prompt"])
+    averaged = dataclasses.replace(config, prompt_ema=0.5)
+    result = train(tiny_llama, polarity_task(), averaged, tmp_path / "ema", show_progress=False)
+    expected = [prompts[0]]
+    for p in prompts[1:]:
+        expected.append(0.5 * expected[-1] + 0.5 * p)
+    state = load_file(str(tmp_path / "ema" / "state.safetensors"))
+    np.testing.assert_array_equal(state["prompt"], prompts[-1])  # the optimizer never sees it
+    np.testing.assert_allclose(state["prompt_ema"], expected[-1], rtol=1e-6)
+    np.testing.assert_allclose(result.key, expected[3], rtol=1e-6)
+    np.testing.assert_allclose(result.value, expected[result.value_step], rtol=1e-6)
+    with pytest.raises(ValueError, match="prompt_ema"):
+        TrainConfig(**{**FAST, "prompt_ema": 1.0})
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=3, max_size=40), st.integers(1, 9), st.integers(0, 50),
+       st.integers(0, 3))
+def test_balanced_batches_take_the_classes_in_turn(labels, batch_size, step, seed):
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    rows = balanced_train_rows(labels, batch_size, step, seed)
+    np.testing.assert_array_equal(rows, balanced_train_rows(labels, batch_size, step, seed))
+    slots = np.arange(step * batch_size, (step + 1) * batch_size)
+    np.testing.assert_array_equal(labels[rows], classes[slots % len(classes)])
+    # Each class is read in epochs: its first len(members) draws are all of its members.
+    for index, label in enumerate(classes):
+        members = np.flatnonzero(labels == label)
+        drawn = [r for s in range(len(members) * len(classes) // batch_size + 2)
+                 for r, slot in zip(balanced_train_rows(labels, batch_size, s, seed),
+                                    np.arange(s * batch_size, (s + 1) * batch_size), strict=True)
+                 if slot % len(classes) == index]
+        assert sorted(drawn[: len(members)]) == members.tolist()
 
 
 def test_residual_reparameterization_starts_at_the_prompt():
