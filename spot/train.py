@@ -346,7 +346,7 @@ def train(
                 )
             trainable, opt_state, step = new_trainable, new_opt, step + 1
             if average is not None:
-                average = _ema_update(average, effective_prompt(trainable), config.prompt_ema)
+                average = _ema_update(average, trainable, config.prompt_ema)
             seen += config.batch_size
             rate = seen / (time.perf_counter() - started)
             bar.update(step, loss=loss, rate=rate)
@@ -375,8 +375,9 @@ def train(
 
 
 @jax.jit
-def _ema_update(average: jax.Array, prompt: jax.Array, decay: float) -> jax.Array:
-    return decay * average + (1 - decay) * prompt
+def _ema_update(average: jax.Array, trainable: Trainable, decay: float) -> jax.Array:
+    """One step of the prompt's EMA [L, d] (one dispatch, the reparameterization included)."""
+    return decay * average + (1 - decay) * effective_prompt(trainable)
 
 
 def _read_history(out: Path, step: int) -> list[dict[str, Any]]:

@@ -127,12 +127,11 @@ def test_balanced_batches_take_the_classes_in_turn(labels, batch_size, step, see
     slots = np.arange(step * batch_size, (step + 1) * batch_size)
     np.testing.assert_array_equal(labels[rows], classes[slots % len(classes)])
     # Each class is read in epochs: its first len(members) draws are all of its members.
-    for index, label in enumerate(classes):
+    steps = len(labels) * len(classes) // batch_size + 2
+    stream = np.concatenate([balanced_train_rows(labels, batch_size, s, seed) for s in range(steps)])
+    for label in classes:
         members = np.flatnonzero(labels == label)
-        drawn = [r for s in range(len(members) * len(classes) // batch_size + 2)
-                 for r, slot in zip(balanced_train_rows(labels, batch_size, s, seed),
-                                    np.arange(s * batch_size, (s + 1) * batch_size), strict=True)
-                 if slot % len(classes) == index]
+        drawn = stream[labels[stream] == label]
         assert sorted(drawn[: len(members)]) == members.tolist()
 
 
