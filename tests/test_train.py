@@ -241,10 +241,11 @@ def test_resume_after_kill(tmp_path, tiny_llama):
 
 def test_data_parallel_two_devices_equals_one(tmp_path):
     script = _script(tmp_path, {**FAST, "steps": 8})
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    flags = os.environ["XLA_FLAGS"]
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2")
     subprocess.run([sys.executable, str(script), str(tmp_path / "two"), str(tmp_path / "two.npy")],
                    check=True, env=env)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1"
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(tmp_path / "one.npy")],
                    check=True, env=env)
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
