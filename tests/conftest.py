@@ -9,10 +9,11 @@ import pytest
 
 # XLA's CPU backend at optimization level 0: the tiny models' many small programs compile in about
 # half the time and their run time is negligible; SmolLM2's matmuls run in the same library
-# kernels at either level (2-core VM, cold cache: the fast-path parity tests 127 s -> 63 s,
-# the SmolLM2 tests 97 s -> 88 s).
-XLA_FLAGS = "--xla_cpu_multi_thread_eigen=true --xla_backend_optimization_level=0"
-os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
+# kernels at either level (2-core VM, cold cache, beside a training run: the fast-path parity
+# tests 127 s -> 63 s, the SmolLM2 tests 97 s -> 88 s).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true --xla_backend_optimization_level=0"
+)
 # Tests rebuild the same tiny-model steps many times (new backbone objects, subprocesses): JAX's
 # persistent compilation cache (keyed by the compiled program) compiles each one once.
 os.environ.setdefault(
