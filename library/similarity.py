@@ -24,6 +24,9 @@ def check_metric(metric: str) -> str:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
+    # divide by the largest |entry| first: the norm of a tiny vector loses precision to underflow
+    scale = np.abs(x).max(axis=-1, keepdims=True)
+    x = np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
