@@ -473,7 +473,13 @@ def test_batched_queries_equal_single_queries(tmp_path: Path) -> None:
     assert isinstance(results[7], LibraryError) and "d_model 8" in str(results[7])
     for query, result in zip(queries, results, strict=True):
         if result is not results[7]:
-            assert result == lib.query(query, "bb", "token", 5)
+            single = lib.query(query, "bb", "token", 5)
+            assert [m.entry for m in result] == [m.entry for m in single]
+            # FAISS's inner-product kernel for a batch of queries may round differently from
+            # its one-query kernel (one float32 ulp on an Ice Lake host; the exact comparison
+            # held on the Cascade Lake host of earlier sessions)
+            assert [m.similarity for m in result] == pytest.approx(
+                [m.similarity for m in single], rel=1e-6)
 
 
 def test_private_reads_need_a_token(tmp_path: Path) -> None:
