@@ -10,17 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from spot.backbones import llama
+from spot.evaluation import reusable_prompt
 from spot.train import TrainConfig, data_mesh, make_train_step, optimizer_for
 
 DEFAULTS = TrainConfig(task="benchmark")  # the trainer's optimizer defaults
 
 
 def with_paths(backbone, opts):
-    """The backbone with loss/score built from fast-path options (`None`: the plain Flax path)."""
+    """The backbone with loss/score built from fast-path options (`None`: the plain Flax path).
+    Prefix states (the prompt run once per scored split) come with the shared prefix only."""
+    shared = opts is not None and opts.share_prefix
     return dataclasses.replace(
         backbone,
         loss_fn=llama.make_loss_fn(backbone.config, backbone.bos_id, opts),
         score_fn=llama.make_score_fn(backbone.config, backbone.bos_id, opts),
+        prefix_fn=backbone.prefix_fn if shared else None,
     )
 
 
@@ -47,12 +51,19 @@ class OursTrain:
 
 
 class OursScore:
+    """Scores the batches as `spot.evaluation.score_encoded` scores a split (prefix states run
+    once per call where the backbone has them)."""
+
     def __init__(self, backbone, prompt, batches):
         self.backbone, self.batches = backbone, [jax.device_put(b) for b in batches]
         self.prompt = jnp.asarray(prompt)
 
+    def scoring_prompt(self):
+        return reusable_prompt(self.backbone, self.prompt)
+
     def __call__(self) -> list[np.ndarray]:
-        return [np.asarray(self.backbone.score(self.prompt, b)) for b in self.batches]
+        prompt = self.scoring_prompt()
+        return [np.asarray(self.backbone.score(prompt, b)) for b in self.batches]
 
 
 # ----------------------------------------------------------------------------- PEFT side

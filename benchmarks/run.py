@@ -48,6 +48,7 @@ from _ours import OursScore, OursTrain, with_paths  # noqa: E402
 
 from spot import backbones  # noqa: E402
 from spot.backbones import llama  # noqa: E402
+from spot.backbones.base import PACK_CHUNK  # noqa: E402
 from spot.batching import encode, eval_batches, make_batch, train_rows  # noqa: E402
 from spot.evaluation import subset  # noqa: E402
 from spot.prompts import initial_prompt  # noqa: E402
@@ -139,9 +140,9 @@ class PeftTrain:
 class PeftScore:
     """Log-likelihood of each single-token choice at the last context position, no grad."""
 
-    def __init__(self, model, batches, keep: bool):
+    def __init__(self, model, batches, keep: bool, tight: bool = False):
         self.model, self.keep = model, keep
-        self.batches = [torch_batch(b, tight=False) for b in batches]
+        self.batches = [torch_batch(b, tight) for b in batches]
 
     def __call__(self) -> list[np.ndarray]:
         import torch
@@ -172,8 +173,10 @@ def share_of_peak(times, name, flops) -> tuple[float, float, float]:
 
 
 def step_flops(cfg, batches, opts, train: bool) -> float:
-    """Analytic matmul FLOPs of our step over all batches (see _common.llama_forward_flops)."""
-    total = 0.0
+    """Analytic matmul FLOPs of our step over all batches (see _common.llama_forward_flops).
+    Scoring with prefix states (`with_paths`) runs the prompt once for all the batches."""
+    states = not train and opts is not None and opts.share_prefix
+    total = sum(llama_forward_flops(cfg, 0, 0, PROMPT_LENGTH, True, None, 0).values()) if states else 0.0
     for b in batches:
         n, t = b["tokens"].shape
         k = b["choices"].shape[-1]
@@ -181,16 +184,17 @@ def step_flops(cfg, batches, opts, train: bool) -> float:
             t, cols, answer_rows = t + k - 1, k, n * k  # the last answer token is not run
         else:
             cols, answer_rows = 1, n * b["choices"].shape[1]  # single-token answers: last position
-        if opts is not None and opts.pack and "pack" in b:  # one stream, attention over all of it
+        if opts is not None and opts.pack and "pack" in b:  # one stream, banded attention
+            keys = b["pack_window"].shape[0] + PACK_CHUNK if opts.band else None
             fwd = llama_forward_flops(cfg, 1, b["pack"].shape[0], PROMPT_LENGTH, True, None,
-                                      answer_rows)
+                                      answer_rows, keys, states)
         elif opts is None:  # plain path: prompt in every row, every layer at every column
             fwd = llama_forward_flops(cfg, n, t + PROMPT_LENGTH, 0, False, None, answer_rows)
         else:
             fwd = llama_forward_flops(
                 cfg, n, t if opts.share_prefix else t + PROMPT_LENGTH,
                 PROMPT_LENGTH if opts.share_prefix else 0, opts.share_prefix,
-                cols if opts.prune_last else None, answer_rows,
+                cols if opts.prune_last else None, answer_rows, cached=states,
             )
         total += train_flops(fwd) if train else sum(fwd.values())
     return total
@@ -198,7 +202,9 @@ def step_flops(cfg, batches, opts, train: bool) -> float:
 
 def shape_name(batch) -> str:
     """What a compiled step is specialised to: the context length or the packed-stream size."""
-    return f"stream {batch['pack'].shape[0]}" if "pack" in batch else f"length {batch['tokens'].shape[1]}"
+    if "pack" in batch:
+        return f"stream {batch['pack'].shape[0]}, window {batch['pack_window'].shape[0]}"
+    return f"length {batch['tokens'].shape[1]}"
 
 
 def first_call_seconds(fn_per_batch, batches) -> dict[str, float]:
@@ -261,8 +267,8 @@ def main() -> None:
     opts_of = {"ours (fast path)": llama.FAST, "ours (plain Flax path, before)": None,
                "ours (fast path, no packing)": dataclasses.replace(llama.FAST, pack=False)}
     if args.ablations:
-        for field, off in (("share_prefix", False), ("prune_last", True), ("fuse", True),
-                           ("unroll", True)):
+        for field, off in (("share_prefix", False), ("band", False), ("prune_last", True),
+                           ("fuse", True), ("unroll", True)):
             opts_of[f"fast, {field}={off}"] = dataclasses.replace(llama.FAST, **{field: off})
     ours_variants = {name: with_paths(backbone, opts) for name, opts in opts_of.items()}
 
@@ -294,9 +300,11 @@ def main() -> None:
     compile_score = {}
     for name, runner in scores.items():
         compile_score[name] = first_call_seconds(
-            lambda b, r=runner: np.asarray(r.backbone.score(r.prompt, b)), runner.batches)
+            lambda b, r=runner: np.asarray(r.backbone.score(r.scoring_prompt(), b)), runner.batches)
     scores["PEFT (full logits)"] = PeftScore(peft_model, score_batches, keep=False)
     scores["PEFT (logits_to_keep=1)"] = PeftScore(peft_model, score_batches, keep=True)
+    scores["PEFT (logits_to_keep=1, tight padding)"] = PeftScore(peft_model, score_batches,
+                                                                 keep=True, tight=True)
     results = {name: runner() for name, runner in scores.items()}
     agree = {name: float(np.max(np.abs(np.concatenate(r) - np.concatenate(results["ours (plain Flax path, before)"]))))
              for name, r in results.items() if name.startswith(("ours", "fast"))}
@@ -345,7 +353,8 @@ def main() -> None:
         f"(`train_rows` steps 0..{len(train_batches) - 1}, seed 0) and {len(score_batches)} validation "
         f"batches, batch {BATCH}, max length {MAX_LENGTH}, our bucketing (multiples of 16); "
         f"context lengths: train {lengths['train']}, score {lengths['score']}. Our fast path runs "
-        f"the same rows packed where that saves a fifth of the columns (`make_batch(pack=True)`): "
+        f"the same rows packed where the cost model says that saves a tenth "
+        f"(`make_batch(pack=True)`; stream size and attention window): "
         f"train {lengths['packed train']}, score {lengths['packed score']}.",
         f"- Prompt length {PROMPT_LENGTH}, same initial prompt (sampled vocab, seed 0) on both sides; "
         "each training variant keeps training its own prompt across rounds.",

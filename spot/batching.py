@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from spot.backbones.base import Backbone
+from spot.backbones.base import PACK_CHUNK, Backbone
 
 
 class ExampleLike(Protocol):
@@ -72,7 +72,9 @@ def encode(
     return Encoded(contexts, choices, choice_mask, labels)
 
 
-PACK_GAIN = 0.8  # pack a batch only when that costs at most this share of the padded layout
+# Pack a batch only when that costs at most this share of the padded layout. 0.9 since packed
+# streams attend in bands (benchmarks/README.md, item 9: packing won at ratios up to 0.87, lost at 1.02).
+PACK_GAIN = 0.9
 # Cost of one attended (query, key) pair in token-columns: a pair costs ~4 d FLOPs, a column's
 # projections ~21 d^2 (SmolLM2: 1/3070); XLA's attention runs well below its GEMM rate, hence 1/1024.
 PAIR_COST = 1 / 1024
@@ -88,6 +90,11 @@ def layout_cost(rows: int, columns: int) -> float:
     return rows * columns * (1 + columns * PAIR_COST)
 
 
+def packed_cost(slots: int, window: int) -> float:
+    """`layout_cost` of a packed stream: each query block attends to `window` + PACK_CHUNK slots."""
+    return slots * (1 + (window + PACK_CHUNK) * PAIR_COST)
+
+
 def pack_slots(n_tokens: int) -> int:
     """Static size of a packed stream holding `n_tokens`: a multiple of 32 up to 256, of 64 up
     to 512, then of 128 (few shapes to compile, at most ~12% slack beyond 256 tokens)."""
@@ -95,12 +102,27 @@ def pack_slots(n_tokens: int) -> int:
     return max(step, -(-n_tokens // step) * step)
 
 
-def packed_slots(lengths: Sequence[int], answers: int, rows: int, length: int, k: int) -> int:
-    """Static size of a packed stream for contexts of these `lengths` (cut to `length`) plus
-    `answers` answer tokens, when packing costs at most PACK_GAIN of the padded layout (`rows`
-    rows of `length` + `k` columns); else 0."""
-    slots = pack_slots(sum(min(n, length) for n in lengths) + answers)
-    return slots if layout_cost(1, slots) <= PACK_GAIN * layout_cost(rows, length + k) else 0
+def pack_window(longest: int) -> int:
+    """Attention window of a packed stream whose longest row has `longest` tokens: PACK_CHUNK
+    times a power of two, at least `longest` - 1 (few shapes to compile)."""
+    window = PACK_CHUNK
+    while window < longest - 1:
+        window *= 2
+    return window
+
+
+def packed_layout(
+    lengths: Sequence[int], answers: Sequence[int], rows: int, length: int, k: int
+) -> dict[str, np.ndarray]:
+    """The `pack` and `pack_window` fields (see spot/backbones/base.py) of a stream holding
+    contexts of these `lengths` (cut to `length`) and `answers` answer tokens per row, when
+    packing costs at most PACK_GAIN of the padded layout (`rows` rows of `length` + `k`
+    columns); else {}."""
+    tokens = [min(n, length) + a for n, a in zip(lengths, answers, strict=True)]
+    slots, window = pack_slots(sum(tokens)), pack_window(max(tokens))
+    if packed_cost(slots, window) > PACK_GAIN * layout_cost(rows, length + k):
+        return {}
+    return {"pack": np.zeros(slots, np.int8), "pack_window": np.zeros(window, np.int8)}
 
 
 def make_batch(
@@ -109,20 +131,20 @@ def make_batch(
 ) -> dict[str, np.ndarray]:
     """Rows of `encoded` -> a left-padded batch; padded with empty rows up to `batch_size`.
 
-    With `pack`, when that saves a fifth of the cost (token columns, plus attention, which grows
-    with the square of the stream: long rows stay padded), the batch also carries
-    `pack`: zeros whose length is the static size of a packed stream that holds every real
-    context token plus each row's longest answer (see `Backbone.packing`). The padded layout is
-    then always `max_length` wide, so a packed step compiles once per stream size only.
+    With `pack`, when that saves a tenth of the cost (token columns plus attention, see
+    `packed_layout`), the batch also carries `pack` and `pack_window`: zeros whose lengths are
+    the static size of a packed stream that holds every real context token plus each row's
+    longest answer, and its attention window (see `Backbone.packing`). The padded layout is then
+    always `max_length` wide, so a packed step compiles once per (stream size, window) only.
     """
     size = batch_size or len(rows)
     length = bucket_length(max(len(encoded.contexts[r]) for r in rows), bucket, max_length)
-    slots = 0
+    packing = {}
     if pack:
-        answers = int(encoded.choice_mask[list(rows)].sum(axis=-1).max(axis=-1).sum())
-        slots = packed_slots([len(encoded.contexts[r]) for r in rows], answers, size, length,
-                             encoded.choices.shape[-1])
-        length = max_length if slots else length
+        answers = encoded.choice_mask[list(rows)].sum(axis=-1).max(axis=-1)
+        packing = packed_layout([len(encoded.contexts[r]) for r in rows], answers.tolist(), size,
+                                length, encoded.choices.shape[-1])
+        length = max_length if packing else length
     tokens = np.full((size, length), pad_id, np.int32)
     mask = np.zeros((size, length), np.int32)
     for i, r in enumerate(rows):
@@ -143,9 +165,7 @@ def make_batch(
         "choice_mask": choice_mask,
         "labels": labels,
     }
-    if slots:
-        batch["pack"] = np.zeros(slots, np.int8)
-    return batch
+    return batch | packing
 
 
 def eval_batches(

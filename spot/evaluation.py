@@ -14,12 +14,22 @@ def score_encoded(
     backbone: Backbone, prompt, encoded: Encoded, batch_size: int = 16, max_length: int = 128
 ) -> np.ndarray:
     """[n_examples, n_choices] log-likelihoods, in the order of `encoded`."""
+    prompt = reusable_prompt(backbone, prompt)
     scores = np.zeros(encoded.choices.shape[:2], np.float32)
     batches = eval_batches(encoded, batch_size, backbone.pad_id, max_length=max_length,
                            pack=backbone.packing)
     for rows, batch in batches:
         scores[rows] = np.asarray(backbone.score(prompt, batch))[: len(rows)]
     return scores
+
+
+def reusable_prompt(backbone: Backbone, prompt):
+    """What `backbone.score` should take for many batches of one shared [L, d] prompt: its
+    prefix states where the backbone can reuse them (the prompt then runs once, not once per
+    batch), else the prompt itself."""
+    if backbone.prefix_fn is None or np.ndim(prompt) != 2 or not np.shape(prompt)[0]:
+        return prompt
+    return backbone.prefix_states(prompt)
 
 
 def subset(examples: Sequence, limit: int | None, seed: int = 0) -> list:

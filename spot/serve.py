@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from spot.backbones.base import Backbone, BackboneError, check_prompt
-from spot.batching import bucket_length, layout_cost, packed_slots
+from spot.batching import bucket_length, layout_cost, packed_cost, packed_layout
 
 __all__ = [
     "BackboneMismatch",
@@ -394,18 +394,18 @@ class Predictor:
                     out[i] = s[: len(row.answers)]
         return out  # type: ignore[return-value]
 
-    def _layout(self, chunk: Sequence[_Row], k: int) -> tuple[int, int, int]:
-        """(rows, context columns, packed stream size or 0) of the batch holding `chunk`. It
-        can pack with prompt states or one shared prompt; packed, the context is `max_length`
-        wide (one compiled shape per stream size)."""
+    def _layout(self, chunk: Sequence[_Row], k: int) -> tuple[int, int, dict[str, np.ndarray]]:
+        """(rows, context columns, packing fields or {}) of the batch holding `chunk`. It can
+        pack with prompt states or one shared prompt; packed, the context is `max_length` wide
+        (one compiled shape per stream size and window)."""
         size = self._rows_for(len(chunk))
         length = bucket_length(max(len(r.context) for r in chunk), self.bucket, self.max_length)
         packable = self._use_states or all(r.prompt is chunk[0].prompt for r in chunk)
         if not (self._pack and packable):
-            return size, length, 0
-        answers = sum(max(len(a) for a in r.answers) for r in chunk)
-        slots = packed_slots([len(r.context) for r in chunk], answers, size, length, k)
-        return size, self.max_length if slots else length, slots
+            return size, length, {}
+        answers = [max(len(a) for a in r.answers) for r in chunk]
+        packing = packed_layout([len(r.context) for r in chunk], answers, size, length, k)
+        return size, self.max_length if packing else length, packing
 
     def _cuts(self, rows: Sequence[_Row], k: int) -> list[int]:
         """Batch boundaries [0, ..., len(rows)] over rows sorted by context length: the split
@@ -414,14 +414,20 @@ class Predictor:
         best, cut = [0.0] + [math.inf] * len(rows), [0] * (len(rows) + 1)
         for end in range(1, len(rows) + 1):
             for start in range(max(0, end - self.batch_size), end):
-                size, length, slots = self._layout(rows[start:end], k)
-                cost = layout_cost(1, slots) if slots else layout_cost(size, length + k)
-                if best[start] + cost + CALL_COST < best[end]:
-                    best[end], cut[end] = best[start] + cost + CALL_COST, start
+                cost = self._cost(rows[start:end], k)
+                if best[start] + cost < best[end]:
+                    best[end], cut[end] = best[start] + cost, start
         bounds = [len(rows)]
         while bounds[-1]:
             bounds.append(cut[bounds[-1]])
         return bounds[::-1]
+
+    def _cost(self, chunk: Sequence[_Row], k: int) -> float:
+        """The cost model's price of one batch holding `chunk` (token-columns)."""
+        size, length, packing = self._layout(chunk, k)
+        if packing:
+            return CALL_COST + packed_cost(len(packing["pack"]), len(packing["pack_window"]))
+        return CALL_COST + layout_cost(size, length + k)
 
     def _rows_for(self, n: int) -> int:
         """Rows of a batch holding n requests (a power of two: few shapes compile)."""
@@ -466,7 +472,7 @@ class Predictor:
         if k == 1:  # extra choices are free on the one-pass path: bucket them too
             c = 1 << (c - 1).bit_length()
         first_rows, groups = _prompt_groups(chunk)
-        size, length, slots = self._layout(chunk, k)
+        size, length, packing = self._layout(chunk, k)
         pad = self.backbone.pad_id
         tokens = np.full((size, length), pad, np.int32)
         mask = np.zeros((size, length), np.int32)
@@ -485,9 +491,8 @@ class Predictor:
             "choices": choices,
             "choice_mask": choice_mask,
             "labels": np.zeros(size, np.int32),
+            **packing,
         }
-        if slots:
-            batch["pack"] = np.zeros(slots, np.int8)
         index = np.zeros(size, np.int32)  # padding rows: prompt 0 (they are fully masked)
         index[: len(chunk)] = groups
         if self._use_states:

@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spot.backbones import llama
-from spot.batching import encode, make_batch
+from spot.backbones.base import PACK_CHUNK
+from spot.batching import encode, make_batch, packed_layout
 from spot.tasks import Example
 
 EXAMPLES = [
@@ -176,6 +179,45 @@ def test_packed_batches_equal_padded_batches(bos, examples):
     packed_jaxpr = str(jax.make_jaxpr(b.loss_fn)(b.params, shared, packed, None))
     assert "scatter" in packed_jaxpr and "scatter" not in str(
         jax.make_jaxpr(b.loss_fn)(b.params, shared, padded, None))
+
+
+def test_banded_attention_equals_attention_over_the_whole_stream():
+    from conftest import make_tiny_llama
+
+    b = make_tiny_llama(bos=True)
+    lengths = (70, 30, 25, 30, 20, 30, 28, 30)  # the tiny tokenizer: one token per byte
+    examples = [Example("x" * n, ("n", "p"), n % 2) for n in lengths]
+    padded, packed = batch_for(b, examples), batch_for(b, examples, pack=True)
+    window = packed["pack_window"].shape[0]
+    assert window == 128 and window + PACK_CHUNK < packed["pack"].shape[0]  # blocks see part of it
+    prompt = prompts(b.d_model)["shared"]
+    band, dense = fns(b, llama.FAST), fns(b, dataclasses.replace(llama.FAST, band=False))
+    for fn in (band[0], dense[0]):
+        np.testing.assert_allclose(fn(b.params, prompt, packed), band[0](b.params, prompt, padded),
+                                   atol=1e-5)
+    for fn in (band[2], dense[2]):
+        np.testing.assert_allclose(fn(b.params, prompt, packed, None),
+                                   band[2](b.params, prompt, padded, None), atol=1e-6)
+    # the window bounds what a token sees: one too short for the first row (slots 0-69) hides
+    # slots 0-31 from its last token (block 64-95), and only its score changes
+    short = dict(packed, pack_window=np.zeros(PACK_CHUNK, np.int8))
+    changed = np.abs(band[0](b.params, prompt, short) - band[0](b.params, prompt, packed)) > 1e-4
+    assert changed.any(axis=1).tolist() == [True] + [False] * 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 16)), min_size=1, max_size=16),
+       st.integers(16, 256))
+def test_packed_layout_holds_every_token_and_row(rows, length):
+    lengths, answers = zip(*rows, strict=True)
+    fields = packed_layout(lengths, answers, 16, length, 16)
+    if fields:
+        tokens = [min(n, length) + a for n, a in rows]
+        slots, window = fields["pack"].shape[0], fields["pack_window"].shape[0]
+        assert slots >= sum(tokens) and slots % PACK_CHUNK == 0
+        blocks = window // PACK_CHUNK
+        assert window >= max(tokens) - 1 and window % PACK_CHUNK == 0 and blocks & (blocks - 1) == 0
+        assert window == PACK_CHUNK or window < 2 * (max(tokens) - 1)  # the smallest such
 
 
 def test_packing_only_when_it_saves_columns(tiny_llama):

@@ -117,15 +117,25 @@ def test_mixed_batch_equals_each_task_alone(setup):
 
 def test_batches_cut_where_the_cost_model_says(setup):
     """Rows sorted by context length are cut into batches of at most batch_size rows by the
-    cost model: short rows apart from long ones; short rows of one length in one batch."""
+    cost model: padded, short rows apart from long ones; short rows of one length in one
+    batch; packed, the cheapest cut (short rows may fill a long batch's stream)."""
     backbone, _, prompts = setup
     predictor = Predictor(backbone, prompts=prompts, batch_size=16, bucket=16, max_length=64)
+    padded = Predictor(backbone, prompts=prompts, batch_size=16, bucket=16, max_length=64,
+                       pack=False)
 
     def rows(*lengths):
         return [_Row(prompts["serve_k1_two"], np.zeros(n, np.int32), [[1], [2]]) for n in lengths]
 
+    def cost(cuts, chunk):
+        return sum(predictor._cost(chunk[a:b], 1) for a, b in zip(cuts, cuts[1:], strict=False))
+
     assert predictor._cuts(rows(*[6] * 16), 1) == [0, 16]
-    assert 8 in predictor._cuts(rows(*[4] * 8, *[60] * 8), 1)
+    assert padded._cuts(rows(*[4] * 8, *[60] * 8), 1) == [0, 8, 16]
+    mixed = rows(*[4] * 8, *[60] * 8)
+    cuts = predictor._cuts(mixed, 1)
+    alternatives = [[0, 16], [0, 8, 16], [0, 4, 16], [0, 4, 8, 16], [0, 8, 12, 16]]
+    assert cost(cuts, mixed) == min(cost(c, mixed) for c in [cuts, *alternatives])
     cuts = predictor._cuts(rows(*[6] * 40), 1)
     assert cuts[0] == 0 and cuts[-1] == 40
     assert all(0 < b - a <= 16 for a, b in zip(cuts, cuts[1:], strict=False))  # batch_size caps

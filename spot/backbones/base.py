@@ -8,7 +8,9 @@ A batch is a dict of arrays (a JAX pytree) built by `spot.batching`:
     choice_mask  int32 [batch, n_choices, k] 1 on real answer tokens
     labels       int32 [batch]               index of the gold choice (-1 when unknown)
     pack         int8  [slots]               optional: run the real tokens as one packed stream
-                                             of this static size (backbones with `packing`)
+                                             of this static size (backbones with `packing`),
+    pack_window  int8  [window]              its tokens attending within this many slots
+                                             (>= the longest row - 1; see `PACK_CHUNK`)
     prompt_rows  int32 [n]                   optional (serving): first row of each distinct
     prompt_index int32 [batch]               per-row prompt, and each row's; with prefix states
                                              (`prefix_states`) prompt_index picks each row's
@@ -36,6 +38,9 @@ import numpy as np
 
 Batch = dict[str, jax.Array]
 Params = Any
+# A packed stream's queries attend in blocks of this many slots (stream sizes are multiples of
+# it): each block to the `pack_window` slots before it and its own, not to the whole stream.
+PACK_CHUNK = 32
 
 
 class BackboneError(ValueError):

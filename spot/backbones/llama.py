@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spot.backbones.base import Batch, Params, broadcast_prompt, position_ids
+from spot.backbones.base import PACK_CHUNK, Batch, Params, broadcast_prompt, position_ids
 
 NEG_INF = -1e9
 
@@ -198,7 +198,9 @@ def _prefixed_hidden(
 #   only, gathered out of the padded layout into one stream [1, slots, d] with a block-diagonal
 #   causal mask (each token sees the shared prefix and the earlier tokens of its own row), then
 #   scattered back. Exact like the shared prefix; it removes the padding columns (over half of
-#   an SST-2 training batch) at the price of attention over the whole stream.
+#   an SST-2 training batch). Attention is banded: the stream's queries go in blocks of
+#   PACK_CHUNK slots, and each block attends to the prefix and to the `window` slots before it
+#   plus its own (`window` >= the longest row - 1, batch["pack_window"]), not to the whole stream.
 # * Optional, off by default (no measurable gain, see benchmarks/README.md): `prune_last` runs the
 #   last layer's query/output/MLP only at the columns whose logits are read (costs a slice copy of
 #   the weights); `fuse` does q|k|v and gate|up as one matmul each (kernels concatenated per layer
@@ -218,6 +220,7 @@ class _FastOptions:
     fuse: bool = False  # one matmul for q|k|v and one for gate|up (no measurable gain: off)
     unroll: int | bool = 1  # lax.scan unroll factor over layers (True: fully unrolled)
     pack: bool = True  # run packed batches (batch["pack"]) as one stream of their real tokens
+    band: bool = True  # packed streams attend within their window (else over the whole stream)
 
 
 FAST = _FastOptions()
@@ -317,8 +320,18 @@ def _mlp_residual(cfg: LlamaConfig, w, x: jax.Array, fuse: bool) -> jax.Array:
     return x + (jax.nn.silu(gate) * up) @ mlp["down"]["kernel"]
 
 
+def _windows(x: jax.Array, window: int, fill: int = 0) -> jax.Array:
+    """[s, ...] stream -> [s / PACK_CHUNK, window + PACK_CHUNK, ...]: block j holds slots
+    j * PACK_CHUNK - window .. (j + 1) * PACK_CHUNK - 1 (`fill` before the stream's start)."""
+    c = PACK_CHUNK
+    blocks = jnp.concatenate([jnp.full((window, *x.shape[1:]), fill, x.dtype), x])
+    blocks = blocks.reshape(-1, c, *x.shape[1:])  # [(window + s) / c, c, ...]
+    n = x.shape[0] // c
+    return jnp.concatenate([blocks[i : i + n] for i in range(window // c + 1)], axis=1)
+
+
 def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None, groups=None,
-           cached=None):
+           cached=None, window=0):
     """One block over the prefix streams [n, p, d] (or None) and the rows [b, t, d].
 
     Row i attends to prefix `groups[i]` ([b] int; None: the one prefix, n = 1). All streams share
@@ -327,6 +340,7 @@ def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None
     and no prefix stream runs. With `cols=(lo, hi)` (the last layer) only row columns lo:hi are
     computed to the end and the prefix output is dropped: returns (None, [b, hi - lo, d], kv);
     otherwise (new prefix, [b, t, d], kv), kv being the rows' own (keys, values) [b, t, kv, hd].
+    `window` > 0: x is one packed stream [1, t, d] whose queries attend in blocks (`_windows`).
     """
     b, t, d = x.shape
     nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -360,9 +374,13 @@ def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None
     elif cached is not None:
         kp, vp = cached
         p = kp.shape[1]
+    if window:  # the stream's query blocks, each with its window of keys/values
+        qx = qx.reshape(t // PACK_CHUNK, PACK_CHUNK, nh, hd)
+        keys, values = _windows(keys[0], window), _windows(values[0], window)
+    qb = qx.shape[0]
     if p:
-        if groups is None:  # [n = 1, p, ...] -> every row
-            row_kp, row_vp = (jnp.broadcast_to(a, (b, p, kvh, hd)) for a in (kp, vp))
+        if groups is None:  # [n = 1, p, ...] -> every row (or query block)
+            row_kp, row_vp = (jnp.broadcast_to(a, (qb, p, kvh, hd)) for a in (kp, vp))
         else:  # each row its own prefix
             row_kp, row_vp = kp[groups], vp[groups]
         keys = jnp.concatenate([row_kp, keys], axis=1)
@@ -391,9 +409,11 @@ def _fast_hidden(
     slots: int = 0,
     groups: tuple[jax.Array, jax.Array] | None = None,
     cached: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    window: int = 0,
 ) -> jax.Array:
     """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic.
-    `slots` > 0: run the real tokens as one packed stream of that static size (must hold them).
+    `slots` > 0: run the real tokens as one packed stream of that static size (must hold them),
+    with banded attention when `window` > 0 (>= the longest row - 1; see "Packing" above).
     `groups` = (first rows [n], group of each row [b]) for per-row prompts [b, L, d] whose rows
     within a group are equal: each distinct prompt then runs once, as its group's prefix.
     `cached` = (keys, values [layers, n, p, kv, hd], prefix of each row [b]): the states of n
@@ -436,11 +456,13 @@ def _fast_hidden(
     pos_x = jnp.maximum(p + jnp.cumsum(x_mask, axis=-1) - 1, 0).astype(jnp.int32)
     # `slots` counts neither per-row prompts nor group prefixes: those batches run padded
     slots = slots if tx == t and (group_index is None or cached is not None) else 0
+    window = window if slots else 0
     bias_prefix = None
     if slots:
-        index, x, pos_x, bias_x = _pack(x, x_mask, pos_x, slots)
+        index, x, pos_x, bias_x = _pack(x, x_mask, pos_x, slots, window)
         if cached is not None:
             cached, bias_prefix = _one_prefix(cached, index, t)
+            bias_prefix = bias_prefix.reshape(*bias_x.shape[:2], -1)  # per query block
             group_index = None
     else:
         causal = jnp.tril(jnp.ones((tx, tx), dtype=bool))
@@ -465,7 +487,8 @@ def _fast_hidden(
 
     def body(carry, layer):
         w, kv = layer
-        out = _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=group_index, cached=kv)
+        out = _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=group_index, cached=kv,
+                     window=window)
         return out[:2], None
 
     (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
@@ -480,20 +503,32 @@ def _fast_hidden(
     return _rms(x, params["norm"]["scale"], cfg.rms_eps)
 
 
-def _pack(x: jax.Array, mask: jax.Array, positions: jax.Array, slots: int):
+def _pack(x: jax.Array, mask: jax.Array, positions: jax.Array, slots: int, window: int = 0):
     """Real tokens of [b, t, d] rows -> one stream [1, slots, d] (see "Packing" above).
 
     Returns (index [slots] into the flattened rows, b * t on empty slots; stream; positions
-    [1, slots]; attention bias [1, slots, slots]). `slots` must hold every real token.
+    [1, slots]; attention bias: [1, slots, slots], or with `window` per query block
+    [slots / PACK_CHUNK, PACK_CHUNK, window + PACK_CHUNK] over its keys (`_windows`)).
+    `slots` must hold every real token.
     """
     b, t, d = x.shape
     (index,) = jnp.nonzero(mask.reshape(-1), size=slots, fill_value=b * t)
     filled = index < b * t
     source = jnp.minimum(index, b * t - 1)
     row = jnp.where(filled, index // t, -1)
+    key_row = jnp.where(filled, row, -2)  # -2: nobody's (empty slots, before the stream)
+    query_row, query_index = row[:, None], index[:, None]  # [slots, 1]
+    key_row, key_index = key_row[None], index[None]  # [1, slots]
+    if window:
+        if slots % PACK_CHUNK:
+            raise ValueError(f"a banded stream's size must be a multiple of {PACK_CHUNK}: {slots}")
+        query_row, query_index = (a.reshape(-1, PACK_CHUNK, 1) for a in (query_row, query_index))
+        key_row = _windows(key_row[0], window, -2)[:, None]  # [blocks, 1, window + chunk]
+        key_index = _windows(index, window)[:, None]
     # a token sees the earlier tokens of its own row; empty slots see only the prefix
-    allowed = (row[:, None] == row[None, :]) & (index[None, :] <= index[:, None]) & filled[None, :]
-    bias = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[None]
+    allowed = (key_row == query_row) & (key_index <= query_index)
+    bias = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+    bias = bias if window else bias[None]
     return index, x.reshape(b * t, d)[source][None], positions.reshape(-1)[source][None], bias
 
 
@@ -509,17 +544,17 @@ def _one_prefix(cached, index: jax.Array, t: int):
     return (*flat, None), bias
 
 
-def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts, slots=0, groups=None,
-            cached=None):
+def _hidden(config, params, prompt, tokens, mask, bos_id, rng, cols, opts, pack=(0, 0),
+            groups=None, cached=None):
     """Hidden states of token columns lo:hi: fast path unless dropout is active."""
     if opts is None or (rng is not None and config.dropout_rate > 0):
         if cached is not None:
             raise ValueError("cached prefix states need the fast path (no dropout)")
         hidden = _prefixed_hidden(config, params, prompt, tokens, mask, bos_id, rng)
         return hidden if cols is None else hidden[:, cols[0] : cols[1]]
-    slots = slots if opts.pack else 0
+    slots, window = pack if opts.pack else (0, 0)
     return _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols, opts, slots, groups,
-                        cached)
+                        cached, window if opts.band else 0)
 
 
 def _prefix_states(config: LlamaConfig, params: Params, prompt: jax.Array, bos_id: int | None):
@@ -564,9 +599,12 @@ def make_prefix_fn(config: LlamaConfig, bos_id: int | None):
     return functools.partial(_prefix_states, config, bos_id=bos_id)
 
 
-def _slots(batch: Batch) -> int:
-    """Static packed-stream size of a packed batch (0: run the padded layout)."""
-    return batch["pack"].shape[0] if "pack" in batch else 0
+def _packing(batch: Batch, repeats: int = 1) -> tuple[int, int]:
+    """(stream size, attention window) of a packed batch whose rows run `repeats` times each;
+    (0, 0): run the padded layout."""
+    if "pack" not in batch:
+        return 0, 0
+    return repeats * batch["pack"].shape[0], batch["pack_window"].shape[0]
 
 
 def _groups(batch: Batch, repeats: int = 1):
@@ -604,7 +642,7 @@ def make_loss_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | 
         tokens, mask = _with_answers(batch["tokens"], batch["mask"], gold, gold_mask)
         k, t = gold.shape[1], tokens.shape[1]
         hidden = _hidden(config, params, prompt, tokens, mask, bos_id, rng, (t - k, t), _opts,
-                         _slots(batch))
+                         _packing(batch))
         log_probs = _answer_log_probs(config, params, hidden, gold)
         weights = gold_mask.astype(jnp.float32)
         return -jnp.sum(log_probs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -626,7 +664,7 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
         if k == 1:  # one token per answer: one pass over the context, read the last position
             t = batch["tokens"].shape[1]
             hidden = _hidden(config, params, prompt, batch["tokens"], batch["mask"], bos_id, None,
-                             (t - 1, t), _opts, _slots(batch), *_prefixes(states, batch))
+                             (t - 1, t), _opts, _packing(batch), *_prefixes(states, batch))
             last = jnp.broadcast_to(hidden, (n, c, hidden.shape[-1]))
             log_probs = _answer_log_probs(config, params, last, choices[..., 0])
             return log_probs * choice_mask[..., 0]
@@ -639,7 +677,7 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
         tokens, mask = _with_answers(tokens, mask, answers, answer_mask)
         t = tokens.shape[1]
         hidden = _hidden(config, params, prompt, tokens, mask, bos_id, None, (t - k, t), _opts,
-                         c * _slots(batch), *_prefixes(states, batch, c))  # each row c times
+                         _packing(batch, c), *_prefixes(states, batch, c))  # each row c times
         log_probs = _answer_log_probs(config, params, hidden, answers)
         return jnp.sum(log_probs * answer_mask, axis=-1).reshape(n, c)
 
