@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 
 import jax
@@ -251,6 +252,15 @@ def _dot_shapes(hlo: str) -> set[tuple[int, ...]]:
     for match in re.finditer(r"= f32\[([\d,]*)\][^=\n]* dot\(", hlo):
         shapes.add(tuple(int(x) for x in match.group(1).split(",") if x))
     return shapes
+
+
+def test_scoring_computes_the_vocabulary_logits_once_per_row(tiny_llama):
+    b = tiny_llama
+    examples = [Example(e.text, ("n", "p", "x"), e.label) for e in EXAMPLES]  # three choices
+    prompt = prompts(b.d_model)["shared"]
+    hlo = jax.jit(b.score_fn).lower(b.params, prompt, batch_for(b, examples)).compile().as_text()
+    vocab = [s for s in _dot_shapes(hlo) if s and s[-1] == b.config.vocab_size]
+    assert vocab and all(math.prod(s) == len(examples) * b.config.vocab_size for s in vocab)
 
 
 def test_train_step_has_no_weight_gradient_dots(tiny_llama):

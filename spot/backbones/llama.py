@@ -617,7 +617,8 @@ def _groups(batch: Batch, repeats: int = 1):
 
 
 def _answer_log_probs(config, params, hidden, answers):
-    """Log-probs of `answers` [n, k] given hidden states [n, k, d] that predict them."""
+    """Log-probs of `answers` [n, k] given hidden states [n, k, d] that predict them ([n, 1, d]:
+    one state predicts all k)."""
     logits = LlamaModel(config).apply({"params": params}, hidden, method=LlamaModel.logits)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(log_probs, answers[..., None], axis=-1)[..., 0]
@@ -665,8 +666,8 @@ def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions |
             t = batch["tokens"].shape[1]
             hidden = _hidden(config, params, prompt, batch["tokens"], batch["mask"], bos_id, None,
                              (t - 1, t), _opts, _packing(batch), *_prefixes(states, batch))
-            last = jnp.broadcast_to(hidden, (n, c, hidden.shape[-1]))
-            log_probs = _answer_log_probs(config, params, last, choices[..., 0])
+            # hidden [n, 1, d] predicts each choice's token: vocabulary logits once per row
+            log_probs = _answer_log_probs(config, params, hidden, choices[..., 0])
             return log_probs * choice_mask[..., 0]
         # multi-token answers: each (row, choice) is its own sequence
         tokens = jnp.repeat(batch["tokens"], c, axis=0)
