@@ -3,9 +3,10 @@ attention over the whole stream ("dense") and with banded attention (the default
 from prefix states. Every batch is forced packed (PACK_GAIN off), so the cost model's threshold
 can be read off: the cost ratio (packed / padded, `spot.batching`) is printed per batch.
 
-Each batch runs every variant in turn (order rotated per round); a variant's speed-up is the
-median over rounds of its paired time ratio, per batch and over all batches, because the VM's
-speed drifts between rounds.
+Every (variant, batch) pair runs once per round (`_common.interleaved`: order rotated per round);
+a variant's relative time is the median over rounds of its time ratio to the baseline in the same
+round (`_common.median_ratio`), per batch and over all batches, because the VM's speed drifts
+between rounds.
 
     .venv/bin/python benchmarks/_packing_ab.py [--rounds 9] [--train-batches 8] [--score-batches 6]
 """
@@ -15,16 +16,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from _common import interleaved, median_ratio  # noqa: E402
 
 from spot import backbones, batching  # noqa: E402
 from spot.backbones import llama  # noqa: E402
@@ -37,24 +39,20 @@ from spot.train import train_rows  # noqa: E402
 BATCH, MAX_LENGTH = 8, 128
 
 
-def paired(variants: dict, pairs: list, rounds: int) -> dict[str, np.ndarray]:
-    """Seconds [batches, rounds] per variant; each batch runs all variants back to back."""
-    for padded, packed in pairs:  # compile
-        for fn in variants.values():
-            np.asarray(fn(padded, packed))
-    times = {name: np.zeros((len(pairs), rounds)) for name in variants}
-    names = list(variants)
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for j, (padded, packed) in enumerate(pairs):
-            for name in order:
-                started = time.perf_counter()
-                np.asarray(variants[name](padded, packed))
-                times[name][j, r] = time.perf_counter() - started
+def paired(variants: dict, pairs: list, rounds: int) -> dict[str, list[float]]:
+    """Seconds per round, keyed "<variant> | <batch index>", of every variant on every (padded,
+    packed) batch pair, plus "<variant> | all": the sum over the batches in each round."""
+    calls = {f"{name} | {j}": (lambda fn=fn, pa=pa, pk=pk: np.asarray(fn(pa, pk)))
+             for name, fn in variants.items() for j, (pa, pk) in enumerate(pairs)}
+    for call in calls.values():  # compile
+        call()
+    times = interleaved(calls, rounds)
+    for name in variants:
+        times[f"{name} | all"] = list(np.sum([times[f"{name} | {j}"] for j in range(len(pairs))], 0))
     return times
 
 
-def report(title: str, pairs: list, times: dict, baseline: str) -> None:
+def report(title: str, variants: list[str], pairs: list, times: dict, baseline: str) -> None:
     print(f"\n{title}")
     costs = [packed_cost(pk["pack"].shape[0], pk["pack_window"].shape[0])
              / layout_cost(pa["tokens"].shape[0], pa["tokens"].shape[1] + pa["choices"].shape[-1])
@@ -62,10 +60,11 @@ def report(title: str, pairs: list, times: dict, baseline: str) -> None:
     print("batch (padded length; stream, window; cost ratio): " + ", ".join(
         f"{pa['tokens'].shape[1]}; {pk['pack'].shape[0]}, {pk['pack_window'].shape[0]}; {c:.2f}"
         for (pa, pk), c in zip(pairs, costs, strict=True)))
-    for name, t in times.items():
-        per = [np.median(t[j] / times[baseline][j]) for j in range(len(pairs))]
-        whole = np.median(t.sum(0) / times[baseline].sum(0))
-        print(f"  {name:28s} ms {' '.join(f'{1e3 * np.median(row):5.0f}' for row in t)}  "
+    for name in variants:
+        ms = [1e3 * np.median(times[f"{name} | {j}"]) for j in range(len(pairs))]
+        per = [median_ratio(times, f"{name} | {j}", f"{baseline} | {j}") for j in range(len(pairs))]
+        whole = median_ratio(times, f"{name} | all", f"{baseline} | all")
+        print(f"  {name:28s} ms {' '.join(f'{x:5.0f}' for x in ms)}  "
               f"time / {baseline}: {' '.join(f'{x:.2f}' for x in per)} | all {whole:.3f}")
 
 
@@ -90,13 +89,13 @@ def main() -> None:
                            for pack in (False, True)))
     grads = {name: jax.jit(jax.grad(llama.make_loss_fn(b.config, b.bos_id, opts), argnums=1))
              for name, opts in (("band", band), ("dense", dense))}
-    times = paired({
+    variants = {
         "padded": lambda pa, pk: grads["band"](b.params, prompt, pa, None),
         "packed, dense attention": lambda pa, pk: grads["dense"](b.params, prompt, pk, None),
         "packed, banded attention": lambda pa, pk: grads["band"](b.params, prompt, pk, None),
-    }, pairs, args.rounds)
-    report("loss + prompt gradient, SST-2 training batches", pairs, times,
-           "packed, banded attention")
+    }
+    report("loss + prompt gradient, SST-2 training batches", list(variants), pairs,
+           paired(variants, pairs, args.rounds), "packed, banded attention")
 
     valid = encode(b, subset(task.load("validation"), BATCH * args.score_batches),
                    max_length=MAX_LENGTH)
@@ -107,15 +106,15 @@ def main() -> None:
     scores = {name: jax.jit(llama.make_score_fn(b.config, b.bos_id, opts))
               for name, opts in (("band", band), ("dense", dense))}
     states = b.prefix_states(prompt)
-    times = paired({
+    variants = {
         "padded": lambda pa, pk: scores["band"](b.params, prompt, pa),
         "padded, prefix states": lambda pa, pk: scores["band"](b.params, states, pa),
         "packed, dense attention": lambda pa, pk: scores["dense"](b.params, prompt, pk),
         "packed, banded attention": lambda pa, pk: scores["band"](b.params, prompt, pk),
         "packed, banded, prefix states": lambda pa, pk: scores["band"](b.params, states, pk),
-    }, pairs, args.rounds)
-    report("scoring, SST-2 validation batches (rows sorted by length)", pairs, times,
-           "packed, banded attention")
+    }
+    report("scoring, SST-2 validation batches (rows sorted by length)", list(variants), pairs,
+           paired(variants, pairs, args.rounds), "packed, banded attention")
 
 
 if __name__ == "__main__":

@@ -172,10 +172,9 @@ def share_of_peak(times, name, flops) -> tuple[float, float, float]:
     return float(np.median(achieved)), float(np.median(peak)), float(np.median(achieved / peak))
 
 
-def step_flops(cfg, batches, opts, train: bool) -> float:
+def step_flops(cfg, batches, opts, train: bool, states: bool = False) -> float:
     """Analytic matmul FLOPs of our step over all batches (see _common.llama_forward_flops).
-    Scoring with prefix states (`with_paths`) runs the prompt once for all the batches."""
-    states = not train and opts is not None and opts.share_prefix
+    `states` (scoring): from prefix states, so the prompt runs once for all the batches."""
     total = sum(llama_forward_flops(cfg, 0, 0, PROMPT_LENGTH, True, None, 0).values()) if states else 0.0
     for b in batches:
         n, t = b["tokens"].shape
@@ -319,7 +318,8 @@ def main() -> None:
     flops = {name: step_flops(backbone.config, batches_of(name, "train"), opts_of[name], True)
              for name in ours_variants}
     plain_flops = flops["ours (plain Flax path, before)"]
-    sflops = {name: step_flops(backbone.config, batches_of(name, "score"), opts_of[name], False)
+    sflops = {name: step_flops(backbone.config, batches_of(name, "score"), opts_of[name], False,
+                               ours_variants[name].prefix_fn is not None)
               for name in ours_variants}
     fast_name, plain_name = "ours (fast path)", "ours (plain Flax path, before)"
     t_fast = share_of_peak(train_times, fast_name, flops[fast_name])

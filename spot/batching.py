@@ -73,7 +73,7 @@ def encode(
 
 
 # Pack a batch only when that costs at most this share of the padded layout. 0.9 since packed
-# streams attend in bands (benchmarks/README.md, item 9: packing won at ratios up to 0.87, lost at 1.02).
+# streams attend in bands (benchmarks/README.md, item 9: packing paid up to 0.87, not at 1.02).
 PACK_GAIN = 0.9
 # Cost of one attended (query, key) pair in token-columns: a pair costs ~4 d FLOPs, a column's
 # projections ~21 d^2 (SmolLM2: 1/3070); XLA's attention runs well below its GEMM rate, hence 1/1024.
