@@ -48,13 +48,12 @@ def main() -> None:
         "labels": jnp.asarray(rng.integers(0, 2, 8), jnp.int32),
     }
     variants = {"plain (before)": None, "fast (all on)": llama.FAST}
-    for field, off in (("share_prefix", False), ("prune_last", True), ("fuse", True)):
+    for field, off in (("share_prefix", False), ("prune_last", False), ("fuse", False),
+                       ("unroll", True)):
         variants[f"fast, {field}={off}"] = dataclasses.replace(llama.FAST, **{field: off})
-    stacked = "fast, stacked layers (lax.scan)"
-    variants[stacked] = llama.FAST
     trains, scores, compile_s = {}, {}, {}
     for name, opts in variants.items():
-        bb = with_paths(b, opts, stacked=name == stacked)
+        bb = with_paths(b, opts)
         trains[name] = OursTrain(bb, prompt, [batch])
         compile_s[name] = timed(trains[name])
         scores[name] = OursScore(bb, prompt, [batch])

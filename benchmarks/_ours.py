@@ -16,16 +16,12 @@ from spot.train import TrainConfig, data_mesh, make_train_step, optimizer_for
 DEFAULTS = TrainConfig(task="benchmark")  # the trainer's optimizer defaults
 
 
-def with_paths(backbone, opts, stacked: bool = False):
+def with_paths(backbone, opts):
     """The backbone with loss/score built from fast-path options (`None`: the plain Flax path).
-    Prefix states (the prompt run once per scored split) come with the shared prefix only.
-    The plain path, and the fast path with `stacked`, get stacked layer weights (Flax's layout,
-    run in a lax.scan; the layout before per-layer weights) instead of the stored per-layer ones."""
+    Prefix states (the prompt run once per scored split) come with the shared prefix only."""
     shared = opts is not None and opts.share_prefix
-    params = llama.stacked_weights(backbone.params) if opts is None or stacked else backbone.params
     return dataclasses.replace(
         backbone,
-        params=params,
         loss_fn=llama.make_loss_fn(backbone.config, backbone.bos_id, opts),
         score_fn=llama.make_score_fn(backbone.config, backbone.bos_id, opts),
         prefix_fn=backbone.prefix_fn if shared else None,

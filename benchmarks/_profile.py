@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     b = backbones.load()
     cfg = b.config
-    w = b.params["layers"][0]
+    w = jax.tree_util.tree_map(lambda a: a[0], b.params["layers"])
     t = args.context + 1
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.standard_normal((args.prompt, cfg.d_model), dtype=np.float32) * 0.05)

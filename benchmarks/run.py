@@ -55,7 +55,6 @@ from spot.prompts import initial_prompt  # noqa: E402
 from spot.tasks import get_task  # noqa: E402
 
 BATCH, MAX_LENGTH, PROMPT_LENGTH = 8, 128, 20
-STACKED = "fast, stacked layers (lax.scan, before)"  # ablation of per-layer weights
 
 
 def load_peft(model_dir: Path, prompt: np.ndarray):
@@ -268,11 +267,9 @@ def main() -> None:
                "ours (fast path, no packing)": dataclasses.replace(llama.FAST, pack=False)}
     if args.ablations:
         for field, off in (("share_prefix", False), ("band", False), ("prune_last", True),
-                           ("fuse", True)):
+                           ("fuse", True), ("unroll", True)):
             opts_of[f"fast, {field}={off}"] = dataclasses.replace(llama.FAST, **{field: off})
-        opts_of[STACKED] = llama.FAST
-    ours_variants = {name: with_paths(backbone, opts, stacked=name == STACKED)
-                     for name, opts in opts_of.items()}
+    ours_variants = {name: with_paths(backbone, opts) for name, opts in opts_of.items()}
 
     def batches_of(name: str, phase: str) -> list[dict]:
         opts = opts_of[name]

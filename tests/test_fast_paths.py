@@ -38,8 +38,9 @@ OPTIONS = [
     dataclasses.replace(llama.FAST, share_prefix=False),
     dataclasses.replace(llama.FAST, prune_last=not llama.FAST.prune_last),
     dataclasses.replace(llama.FAST, fuse=not llama.FAST.fuse),
+    dataclasses.replace(llama.FAST, unroll=True),
 ]
-IDS = ["fast", "no-share", "toggle-prune", "toggle-fuse"]
+IDS = ["fast", "no-share", "toggle-prune", "toggle-fuse", "unrolled"]
 
 
 def batch_for(b, examples, pack=False):
@@ -91,21 +92,6 @@ def test_fast_path_equals_plain_path(tiny_llama, opts):
     # the options change how a shared prompt runs; per-row and empty prompts are checked once
     kinds = ("shared", "per_row", "empty") if opts == llama.FAST else ("shared",)
     assert_paths_agree(tiny_llama, opts, EXAMPLES, kinds)
-
-
-@pytest.mark.parametrize("opts", [llama.FAST, dataclasses.replace(llama.FAST, prune_last=True)],
-                         ids=["fast", "prune-last"])
-def test_stacked_weights_equal_per_layer_weights(tiny_llama, opts):
-    """Stacked [layers, ...] weights (Flax's layout) run in a lax.scan, per-layer weights (the
-    stored layout) in a loop: both equal the plain path, and the prefix states agree."""
-    stacked = dataclasses.replace(tiny_llama, params=llama.stacked_weights(tiny_llama.params))
-    assert isinstance(tiny_llama.params["layers"], list) and not isinstance(stacked.params["layers"], list)
-    assert_paths_agree(stacked, opts, EXAMPLES)
-    prompt = prompts(tiny_llama.d_model)["shared"]
-    states = [jax.jit(llama.make_prefix_fn(b.config, b.bos_id))(b.params, prompt) for b in (tiny_llama, stacked)]
-    for key in ("keys", "values"):
-        assert states[0][key].shape[0] == tiny_llama.config.num_layers
-        np.testing.assert_allclose(states[0][key], states[1][key], atol=1e-6)
 
 
 def test_fast_path_multi_token_answers_and_bos():
@@ -308,26 +294,6 @@ def test_train_step_keeps_no_stacked_copy_of_the_weights():
         found = {int(k) for k in re.findall(rf"f32\[(\d+),{rows},{cols}\]", hlo)}
         # 1: one layer's slice inside the loop body; a stacked copy would be 4 (or 5 twice)
         assert found <= {1, layers}, f"stacked weight copies {found} of [{rows}, {cols}]"
-
-
-def test_per_layer_weights_are_read_in_place():
-    """With per-layer weights (the stored layout) no weight is sliced or copied in the train step:
-    every weight-shaped value of the compiled HLO is a parameter. Stacked weights are sliced."""
-    from conftest import make_tiny_llama
-
-    b = make_tiny_llama()
-    config = dataclasses.replace(b.config, num_layers=5)
-    batch, prompt = batch_for(b, EXAMPLES), prompts(b.d_model)["shared"]
-    grad = jax.jit(jax.grad(llama.make_loss_fn(config, None), argnums=1))
-    stacked = llama.init_params(config, 0)
-    for params, layout in ((llama.per_layer_weights(stacked), "per-layer"), (stacked, "stacked")):
-        hlo = grad.lower(params, prompt, batch, None).compile().as_text()
-        shapes = {x.shape[-2:] for x in jax.tree_util.tree_leaves(params["layers"]) if x.ndim >= 2}
-        ops = {op for r, c in shapes for op in re.findall(rf"= f32\[{r},{c}\]\S* (\S+?)\(", hlo)}
-        if layout == "per-layer":
-            assert ops == {"parameter"}, f"weights produced by {ops - {'parameter'}}"
-        else:  # the check sees the scan's per-layer slices (fusions and bitcasts of them)
-            assert ops - {"parameter"}
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 import spot.backbones as backbones
 from spot.backbones.base import BackboneError, check_prompt
-from spot.backbones.llama import LlamaModel, stacked_weights
+from spot.backbones.llama import LlamaModel
 from spot.backbones.llama_loader import build_llama, load_llama_dir, write_llama_dir
 from spot.backbones.llama_weights import params_to_hf
 from spot.batching import encode, make_batch
@@ -36,7 +36,7 @@ def test_empty_prompt_equals_plain_model(tiny_llama):
     k = batch["choices"].shape[-1]
     # independent path: the plain model over [context + answer], no prompt code involved
     model = LlamaModel(b.config)
-    variables = {"params": stacked_weights(b.params)}  # Flax's layout
+    variables = {"params": b.params}
     for choice in range(2):
         tokens = jnp.concatenate([batch["tokens"], batch["choices"][:, choice]], axis=1)
         hidden = model.apply(variables, model.apply(variables, tokens, method=LlamaModel.embed_tokens),

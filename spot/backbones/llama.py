@@ -167,7 +167,7 @@ def _prefixed_hidden(
     """Plain path: [BOS?] + prompt + tokens through the Flax modules -> hidden states of the token
     columns [batch, length, d_model]. The reference for the fast path; also serves dropout > 0."""
     model = LlamaModel(config, deterministic=rng is None)
-    variables = {"params": stacked_weights(params)}  # a copy when per-layer (reference path)
+    variables = {"params": params}
     batch = tokens.shape[0]
     parts = [broadcast_prompt(prompt, batch).astype(jnp.float32)]
     masks = [jnp.ones(parts[0].shape[:2], mask.dtype)]
@@ -192,14 +192,8 @@ def _prefixed_hidden(
 #   as a one-row prefix stream whose keys/values every row attends to: batch x L fewer
 #   token-columns of work, exact up to float reassociation. Per-row prompts [B, L, d] stay in
 #   the rows.
-# * Per-layer weights: `build_llama` stores `params["layers"]` as a list of per-layer trees, and
-#   the layers run as a Python loop over one jitted trace of a layer (`_run_layers`; XLA inlines
-#   every call). A `lax.scan` over stacked [layers, ...] weights made XLA CPU copy each layer's
-#   weights out of the stack, forward and backward, and write the backward's saved activations
-#   into zero-filled [layers, ...] stacks (~17% of a traced train step). Stacked weights (Flax's
-#   layout, `init_params`) still run, in a scan with the stack as its xs, so the backward pass
-#   reads them in place (indexing them out of a closed-over constant made autodiff save a
-#   stacked copy of every layer's weights).
+# * The stacked weights are the layer scan's xs, so the backward pass reads them in place (indexing
+#   them out of a closed-over constant made autodiff save a stacked copy of every layer's weights).
 # * Packing: a batch with `pack` (spot.batching.make_batch(pack=True)) runs its real tokens
 #   only, gathered out of the padded layout into one stream [1, slots, d] with a block-diagonal
 #   causal mask (each token sees the shared prefix and the earlier tokens of its own row), then
@@ -208,8 +202,8 @@ def _prefixed_hidden(
 #   PACK_CHUNK slots, and each block attends to the prefix and to the `window` slots before it
 #   plus its own (`window` >= the longest row - 1, batch["pack_window"]), not to the whole stream.
 # * Optional, off by default (no measurable gain, see benchmarks/README.md): `prune_last` runs the
-#   last layer's query/output/MLP only at the columns whose logits are read (padded batches; with
-#   stacked weights it costs a slice copy); `fuse` does q|k|v and gate|up as one matmul each (kernels concatenated per layer
+#   last layer's query/output/MLP only at the columns whose logits are read (costs a slice copy of
+#   the weights); `fuse` does q|k|v and gate|up as one matmul each (kernels concatenated per layer
 #   inside the step; the stored tree is unchanged).
 # * Cached prefix states (serving): [BOS] + a prompt run once (`_prefix_states`) give each
 #   layer's keys/values; `score_fn` takes them in place of the prompt, and rows (or the tokens of
@@ -222,8 +216,9 @@ def _prefixed_hidden(
 @dataclasses.dataclass(frozen=True)
 class _FastOptions:
     share_prefix: bool = True  # run [BOS] + a shared prompt once, not once per row
-    prune_last: bool = False  # last layer only at the read columns (padded batches)
+    prune_last: bool = False  # last layer only at the read columns (costs a weight copy)
     fuse: bool = False  # one matmul for q|k|v and one for gate|up (no measurable gain: off)
+    unroll: int | bool = 1  # lax.scan unroll factor over layers (True: fully unrolled)
     pack: bool = True  # run packed batches (batch["pack"]) as one stream of their real tokens
     band: bool = True  # packed streams attend within their window (else over the whole stream)
 
@@ -402,63 +397,6 @@ def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None
     return None, rows.reshape(b, tq, d), row_kv
 
 
-def num_layers(layers) -> int:
-    """Layer count of per-layer weights (a list of trees) or of stacked [layers, ...] ones."""
-    if isinstance(layers, list):
-        return len(layers)
-    return jax.tree_util.tree_leaves(layers)[0].shape[0]
-
-
-def _layers(layers, lo: int, hi: int):
-    """Layers lo:hi of per-layer or stacked weights (or of stacked cached states; None stays)."""
-    if layers is None:
-        return None
-    if isinstance(layers, list):
-        return layers[lo:hi]
-    if (lo, hi) == (0, num_layers(layers)):
-        return layers
-    return jax.tree_util.tree_map(lambda a: a[lo:hi], layers)
-
-
-def _layer_at(layers, i: int):
-    """Layer i's weights (or cached states) out of per-layer or stacked ones."""
-    if isinstance(layers, list):
-        return layers[i]
-    return jax.tree_util.tree_map(lambda a: a[i], layers)
-
-
-def _run_layers(body, carry, layers, per_layer, shared):
-    """carry through every layer: `body(carry, weights, per_layer[i], shared) -> (carry, out)`;
-    returns (carry, outs stacked over layers). Per-layer weights (a list): a Python loop over
-    one jitted trace of `body` (XLA inlines each call and reads every weight in place). Stacked
-    weights: a `lax.scan` with them (and `per_layer`, stacked) as its xs. `per_layer` may be None."""
-    if not isinstance(layers, list):
-        return jax.lax.scan(lambda c, xs: body(c, *xs, shared), carry, (layers, per_layer))
-    step = jax.jit(body)  # traced once for all layers, not once per layer
-    outs = []
-    for i, w in enumerate(layers):
-        carry, out = step(carry, w, None if per_layer is None else _layer_at(per_layer, i), shared)
-        outs.append(out)
-    return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
-
-
-def per_layer_weights(params: Params) -> Params:
-    """Stacked layer weights [layers, ...] (Flax's scan layout) -> a list of per-layer trees,
-    the layout the fast path runs fastest (see "Per-layer weights" above)."""
-    layers = params["layers"]
-    if isinstance(layers, list):
-        return params
-    return {**params, "layers": [_layer_at(layers, i) for i in range(num_layers(layers))]}
-
-
-def stacked_weights(params: Params) -> Params:
-    """Per-layer weights -> stacked [layers, ...] ones (Flax's layout; unchanged if stacked)."""
-    layers = params["layers"]
-    if not isinstance(layers, list):
-        return params
-    return {**params, "layers": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)}
-
-
 def _fast_hidden(
     config: LlamaConfig,
     params: Params,
@@ -541,19 +479,21 @@ def _fast_hidden(
     biases = (bias_p, bias_x)
     lo, hi = (0, t) if cols is None else cols
     lo, hi = lo + tx - t, hi + tx - t  # token columns -> row columns (per-row prompts first)
-    layers, kv = params["layers"], None if cached is None else cached[:2]  # weights, cached k/v
+    # the stacked weights are the scan's xs (not indexed out of a closed-over constant): then the
+    # backward pass reads them in place instead of saving a stacked copy of every layer's weights
+    stacked = (params["layers"], None if cached is None else cached[:2])  # weights, cached k/v
     prune_last = opts.prune_last and not slots  # packed columns are not per-row slices
-    n = num_layers(layers) - prune_last
+    xs = jax.tree_util.tree_map(lambda a: a[:-1], stacked) if prune_last else stacked
 
-    def body(carry, w, kv, shared):
-        tables, biases, groups = shared
-        return _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=groups, cached=kv,
-                      window=window)[:2], None
+    def body(carry, layer):
+        w, kv = layer
+        out = _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=group_index, cached=kv,
+                     window=window)
+        return out[:2], None
 
-    (prefix, x), _ = _run_layers(body, (prefix, x), _layers(layers, 0, n), _layers(kv, 0, n),
-                                 (tables, biases, group_index))
+    (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
     if prune_last:
-        w, kv = _layer_at(layers, n), None if kv is None else _layer_at(kv, n)
+        w, kv = jax.tree_util.tree_map(lambda a: a[-1], stacked)
         _, x, _ = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, (lo, hi), group_index, kv)
     elif slots:  # [1, slots, d] -> [b, tx, d]; columns without a token stay zero
         x = jnp.zeros((b * tx, cfg.d_model), x.dtype).at[index].set(x[0], mode="drop")
@@ -628,12 +568,11 @@ def _prefix_states(config: LlamaConfig, params: Params, prompt: jax.Array, bos_i
     table = _rope_table(jnp.arange(p)[None], config.head_dim, config.rope_theta)
     bias = jnp.where(jnp.tril(jnp.ones((p, p), dtype=bool)), 0.0, NEG_INF)[None]
 
-    def body(x, w, _, shared):
-        _, x, (keys, values) = _layer(config, False, w, None, x, *shared)
+    def body(x, w):
+        _, x, (keys, values) = _layer(config, False, w, None, x, (None, table), (None, bias))
         return x, (keys[0], values[0])
 
-    layers = params["layers"]
-    _, (keys, values) = _run_layers(body, x, layers, None, ((None, table), (None, bias)))
+    _, (keys, values) = jax.lax.scan(body, x, params["layers"])
     return {"keys": keys, "values": values}
 
 

@@ -16,8 +16,6 @@ from spot.backbones.llama import (
     make_loss_fn,
     make_prefix_fn,
     make_score_fn,
-    per_layer_weights,
-    stacked_weights,
     to_config,
 )
 from spot.backbones.llama_weights import params_from_hf, read_hf_dir
@@ -33,15 +31,14 @@ def build_llama(
     pad_id: int = 0,
     identity: str | None = None,
 ) -> Backbone:
-    params = jax.tree_util.tree_map(jax.numpy.asarray, stacked_weights(params))
-    identity = identity or backbone_identity("llama", config, params)  # of the stacked layout
+    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
     return Backbone(
         name=name,
         arch="llama",
         config=config,
-        params=per_layer_weights(params),  # the fast path's layout (spot.backbones.llama)
+        params=params,
         tokenizer=tokenizer,
-        identity=identity,
+        identity=identity or backbone_identity("llama", config, params),
         bos_id=bos_id,
         eos_id=eos_id,
         pad_id=pad_id,

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from spot.backbones.base import BackboneError, Params
-from spot.backbones.llama import LlamaConfig, per_layer_weights
+from spot.backbones.llama import LlamaConfig
 
 LAYER_TENSORS = {  # flax path under layers/ -> Hugging Face name under model.layers.N.
     ("attn", "q", "kernel"): "self_attn.q_proj.weight",
@@ -86,21 +86,18 @@ def params_from_hf(state: dict[str, np.ndarray], config: LlamaConfig) -> Params:
 
 
 def params_to_hf(params: Params, config: LlamaConfig) -> dict[str, np.ndarray]:
-    """Params (per-layer or stacked) -> Hugging Face Llama state dict (inverse of `params_from_hf`)."""
+    """Flax params -> Hugging Face Llama state dict (inverse of `params_from_hf`)."""
     state = {
         "model.embed_tokens.weight": np.asarray(params["embed"]["embedding"]),
         "model.norm.weight": np.asarray(params["norm"]["scale"]),
     }
-    layers = per_layer_weights(params)["layers"]
-    if len(layers) != config.num_layers:
-        raise BackboneError(f"{len(layers)} layers of weights for a {config.num_layers}-layer config")
-    for i, layer in enumerate(layers):
-        for path, hf in LAYER_TENSORS.items():
-            node = layer
-            for key in path:
-                node = node[key]
-            array = np.asarray(node)
-            state[f"model.layers.{i}.{hf}"] = array.T if path[-1] == "kernel" else array
+    for path, hf in LAYER_TENSORS.items():
+        node = params["layers"]
+        for key in path:
+            node = node[key]
+        for i in range(config.num_layers):
+            layer = np.asarray(node[i])
+            state[f"model.layers.{i}.{hf}"] = layer.T if path[-1] == "kernel" else layer
     if not config.tie_embeddings:
         state["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
     return {name: np.ascontiguousarray(array) for name, array in state.items()}
