@@ -188,9 +188,12 @@ def choice_loss(score_fn):
 def make_train_step(
     backbone: Backbone, optimizer: optax.GradientTransformation, mesh: Mesh, objective: str = "lm"
 ):
-    """Jitted step: gradient w.r.t. the trainable prompt parameters only (the frozen params are a
-    plain argument). Cached, so runs on one backbone with one optimizer compile once per batch
-    shape."""
+    """Step: gradient w.r.t. the trainable prompt parameters only (the frozen params are a plain
+    argument). One jitted program, or on one device with the LM objective and a backbone that
+    has `prompt_grad_fn`, the gradient layer by layer (`_layerwise_step`). Cached, so runs on one
+    backbone with one optimizer compile once per batch shape."""
+    if objective == "lm" and mesh.size == 1 and backbone.prompt_grad_fn is not None:
+        return _layerwise_step(backbone, optimizer)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
     loss_fn = backbone.loss_fn if objective == "lm" else choice_loss(backbone.score_fn)
@@ -209,6 +212,32 @@ def make_train_step(
         out_shardings=(replicated, replicated, replicated),
         donate_argnums=(1, 2),
     )
+
+
+def _layerwise_step(backbone: Backbone, optimizer: optax.GradientTransformation):
+    """The same step with the prompt gradient from `backbone.prompt_grad` (layer by layer): the
+    reparameterization's and the optimizer's parts are jitted around it. Takes the backbone's
+    own params only (its per-layer copy is made once)."""
+    prompt_grad = backbone.prompt_grad
+
+    @jax.jit
+    def prompt_of(trainable):
+        return jax.vjp(effective_prompt, trainable)
+
+    @jax.jit
+    def update(trainable, opt_state, pullback, prompt_gradient):
+        (grad,) = pullback(prompt_gradient)
+        updates, opt_state = optimizer.update(grad, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    def step(params, trainable, opt_state, batch, rng):
+        if params is not backbone.params:
+            raise ValueError("the layer-by-layer step trains against its backbone's own params")
+        prompt, pullback = prompt_of(trainable)
+        loss, prompt_gradient = prompt_grad(prompt, batch)
+        return *update(trainable, opt_state, pullback, prompt_gradient), loss
+
+    return step
 
 
 def _trainable_tensors(trainable: Trainable) -> dict[str, np.ndarray]:

@@ -345,3 +345,52 @@ def test_attention_backward_equals_autodiff(b, groups, tq, tk):
     np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=1e-5)
     for got, want in zip(grads(ours), grads(reference), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bos,examples,pack", [(False, EXAMPLES, False), (False, EXAMPLES, True),
+                                               (True, MULTI, False), (True, MULTI, True)],
+                         ids=["padded", "packed", "bos-multi-padded", "bos-multi-packed"])
+def test_layerwise_prompt_grad_equals_the_jitted_gradient(bos, examples, pack):
+    """`make_prompt_grad` (one jitted call per layer, forward then backward, from Python) gives the
+    loss and prompt gradient of jit(value_and_grad(loss_fn)) over the whole model, and of the
+    plain Flax path."""
+    from conftest import make_tiny_llama
+
+    b = make_tiny_llama(bos=bos)
+    batch = batch_for(b, examples, pack=pack)
+    assert ("pack" in batch) == pack
+    prompt = prompts(b.d_model)["shared"]
+    plain = jax.jit(jax.value_and_grad(llama.make_loss_fn(b.config, b.bos_id, None), argnums=1))
+    plain_loss, plain_grad = plain(b.params, prompt, batch_for(b, examples))
+    for opts in (llama.FAST, dataclasses.replace(llama.FAST, share_prefix=False)):
+        grad_of = llama.make_prompt_grad(b.config, b.bos_id, b.params, opts)
+        loss, grad = grad_of(prompt, batch)
+        ref_loss, ref_grad = jax.jit(jax.value_and_grad(llama.make_loss_fn(b.config, b.bos_id, opts),
+                                                        argnums=1))(b.params, prompt, batch)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
+        np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
+        np.testing.assert_allclose(grad, plain_grad, atol=1e-6)
+        assert float(jnp.abs(grad).max()) > 0
+
+
+def test_layerwise_calls_read_weights_in_place_and_compute_no_weight_gradients(tiny_llama):
+    """A layer's forward call returns none of its inputs among the saved activations (the weights
+    are passed again to its backward call, not copied out), and the backward call has no
+    weight-gradient-shaped dots."""
+    b = tiny_llama
+    batch, prompt = batch_for(b, EXAMPLES, pack=True), prompts(b.d_model)["shared"]
+    layers = llama.split_layers(b.params)
+    np.testing.assert_array_equal(layers[1]["mlp"]["up"]["kernel"],
+                                  b.params["layers"]["mlp"]["up"]["kernel"][1])
+    calls = llama._layer_calls(b.config, b.bos_id, llama.FAST)
+    carry, stream, _ = calls.start(b.params, prompt, batch)
+    out, saved = calls.forward(layers[0], carry, stream)
+    tree, where = calls.layouts[llama._signature(layers[0], carry, stream)]
+    kernels = [i for i, w in enumerate(jax.tree_util.tree_leaves(layers[0])) if w.ndim == 2]
+    assert len(kernels) == 7 and set(kernels) <= set(where)  # q, k, v, o, gate, up, down
+    assert len(saved) == where.count(-1)
+    hlo = calls.backward.lower((tree, where), layers[0], carry, stream, saved,
+                               jax.tree_util.tree_map(jnp.ones_like, out)).compile().as_text()
+    shapes = _dot_shapes(hlo)
+    assert shapes and not shapes & {w.shape for w in jax.tree_util.tree_leaves(layers[0])}

@@ -174,11 +174,20 @@ def test_config_mismatch_and_file(tmp_path, tiny_llama):
         TrainConfig(task="x", steps=5, key_step=9)
 
 
-def test_nan_loss_keeps_last_checkpoint(tiny_llama, tmp_path):
+def _nan_grad_fn(params):
+    return lambda prompt, batch: (jnp.nan * jnp.sum(prompt), prompt)
+
+
+@pytest.mark.parametrize("path", ["one program", "layer by layer"])
+def test_nan_loss_keeps_last_checkpoint(tiny_llama, tmp_path, path):
     config = TrainConfig(**FAST)
     train(tiny_llama, polarity_task(), config, tmp_path, show_progress=False, stop_after=8)
     saved, _ = load_prompt(tmp_path / "value.safetensors")
-    broken = dataclasses.replace(tiny_llama, loss_fn=lambda p, x, b, r: jnp.nan * jnp.sum(x))
+    if path == "one program":
+        broken = dataclasses.replace(tiny_llama, loss_fn=lambda p, x, b, r: jnp.nan * jnp.sum(x),
+                                     prompt_grad_fn=None)
+    else:
+        broken = dataclasses.replace(tiny_llama, prompt_grad_fn=_nan_grad_fn)
     with pytest.raises(TrainingError, match="last good checkpoint"):
         train(broken, polarity_task(), config, tmp_path, show_progress=False)
     again, _ = load_prompt(tmp_path / "value.safetensors")
@@ -249,3 +258,28 @@ def test_data_parallel_two_devices_equals_one(tmp_path):
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(tmp_path / "one.npy")],
                    check=True, env=env)
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
+
+
+@pytest.mark.parametrize("reparameterization", ["none", "residual"])
+def test_layerwise_step_equals_the_one_program_step(tiny_llama, reparameterization):
+    """The trainer's default step on Llama (prompt gradient layer by layer, `prompt_grad_fn`) and
+    the jitted one-program step give the same prompts and optimizer state over a few steps."""
+    from spot.train import data_mesh, make_train_step, optimizer_for
+
+    one_program = dataclasses.replace(tiny_llama, prompt_grad_fn=None)
+    config = TrainConfig(**FAST, reparameterization=reparameterization, reparam_hidden=16)
+    optimizer = optimizer_for(config)
+    examples = encode(tiny_llama, polarity_task().load("train"), max_length=32)
+    ends = []
+    for b in (tiny_llama, one_program):
+        step_fn = make_train_step(b, optimizer, data_mesh())
+        assert hasattr(step_fn, "lower") == (b.prompt_grad_fn is None)  # jitted: one program
+        trainable = init_trainable(reparameterization, b.embedding_table[:4] + 0.0, 16, 0)
+        state = optimizer.init(trainable)
+        for step in range(3):
+            batch = make_batch(examples, list(range(8 * step, 8 * step + 8)), b.pad_id,
+                               max_length=32, pack=step > 0)
+            trainable, state, loss = step_fn(b.params, trainable, state, batch, None)
+        ends.append((trainable, state, loss))
+    for a, b in zip(*(jax.tree_util.tree_leaves(end) for end in ends), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -41,6 +41,10 @@ def enable_compilation_cache() -> None:
     if os.environ.get("SPOT_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax-compilation-cache"))
+    # JAX skips programs that compile in under 1 s; the per-layer calls of the layer-by-layer
+    # train step (spot.backbones.llama.make_prompt_grad) take less, and a process compiles them
+    # for every batch shape it meets
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def load(name_or_path: str | Path = DEFAULT_BACKBONE) -> Backbone:

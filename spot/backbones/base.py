@@ -124,6 +124,10 @@ class Backbone:
     # prompt (decoder-only models: the prompt's keys/values do not depend on the input). None:
     # the architecture cannot reuse them (T5's encoder attends both ways).
     prefix_fn: Callable[..., Any] | None = None
+    # prompt_grad_fn(params) -> prompt_grad(prompt [L, d], batch) = (loss, d loss / d prompt):
+    # loss_fn's deterministic loss and prompt gradient computed layer by layer from Python
+    # (faster than jit of loss_fn's gradient where the backbone has it; one device). None: none.
+    prompt_grad_fn: Callable[..., Callable[..., Any]] | None = None
 
     @property
     def d_model(self) -> int:
@@ -153,6 +157,11 @@ class Backbone:
         """[batch, n_choices] summed log-likelihood of each choice (rank classification).
         `prompt`: a prompt, or prefix states from `prefix_states` (see `prefix_fn`)."""
         return self.jitted_score(self.params, prompt, batch)
+
+    @functools.cached_property
+    def prompt_grad(self) -> Callable[..., Any] | None:
+        """`prompt_grad_fn` bound to this backbone's params (built once), or None."""
+        return None if self.prompt_grad_fn is None else self.prompt_grad_fn(self.params)
 
     @functools.cached_property
     def jitted_prefix(self) -> Callable[..., Any]:

@@ -13,8 +13,10 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spot.backbones.base import PACK_CHUNK, Batch, Params, broadcast_prompt, position_ids
 
@@ -397,7 +399,61 @@ def _layer(cfg: LlamaConfig, fuse: bool, w, prefix, x, tables, biases, cols=None
     return None, rows.reshape(b, tq, d), row_kv
 
 
-def _fast_hidden(
+@flax.struct.dataclass
+class _Stream:
+    """What every layer and the output stage read besides the hidden states (`_fast_inputs`)."""
+
+    tables: Any  # rotary (cos, sin) of the prefix and of the rows
+    biases: Any  # attention bias of the prefix and of the rows
+    groups: jax.Array | None  # each row's prefix [b]; None: the one prefix
+    index: jax.Array | None  # packed stream: each slot's flattened row position; None: padded
+    window: int = flax.struct.field(pytree_node=False)  # banded attention (packed streams)
+    rows: tuple[int, int] = flax.struct.field(pytree_node=False)  # (b, tx) of the row layout
+    cols: tuple[int, int] = flax.struct.field(pytree_node=False)  # row columns lo:hi read out
+
+
+def _fast_hidden(config, params, prompt, tokens, mask, bos_id, cols=None, opts=FAST, slots=0,
+                 groups=None, cached=None, window=0) -> jax.Array:
+    """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic;
+    the arguments as `_fast_inputs` takes them. Layers run in a `lax.scan` over the stacked
+    weights."""
+    carry, stream, kv = _fast_inputs(config, params, prompt, tokens, mask, bos_id, cols, opts,
+                                     slots, groups, cached, window)
+    # the stacked weights are the scan's xs (not indexed out of a closed-over constant): then the
+    # backward pass reads them in place instead of saving a stacked copy of every layer's weights
+    stacked = (params["layers"], kv)
+    prune_last = opts.prune_last and stream.index is None  # packed columns are not row slices
+    xs = jax.tree_util.tree_map(lambda a: a[:-1], stacked) if prune_last else stacked
+
+    def body(carry, layer):
+        return _layer_step(config, opts.fuse, layer[0], carry, stream, layer[1]), None
+
+    (prefix, x), _ = jax.lax.scan(body, carry, xs, unroll=opts.unroll)
+    if prune_last:  # the last layer computes only the columns read: x is [b, hi - lo, d]
+        w, kv = jax.tree_util.tree_map(lambda a: a[-1], stacked)
+        _, x, _ = _layer(config, opts.fuse, w, prefix, x, stream.tables, stream.biases,
+                         stream.cols, stream.groups, kv)
+        return _rms(x, params["norm"]["scale"], config.rms_eps)
+    return _fast_outputs(config, params, x, stream)
+
+
+def _layer_step(cfg: LlamaConfig, fuse: bool, w, carry, stream: _Stream, kv=None):
+    """One block over (prefix, rows) -> (prefix, rows), every column."""
+    return _layer(cfg, fuse, w, *carry, stream.tables, stream.biases, groups=stream.groups,
+                  cached=kv, window=stream.window)[:2]
+
+
+def _fast_outputs(cfg: LlamaConfig, params: Params, x: jax.Array, stream: _Stream) -> jax.Array:
+    """The last layer's rows (or packed stream) -> normed hidden states of columns lo:hi."""
+    b, tx = stream.rows
+    lo, hi = stream.cols
+    if stream.index is not None:  # [1, slots, d] -> [b, tx, d]; columns without a token stay 0
+        x = jnp.zeros((b * tx, cfg.d_model), x.dtype).at[stream.index].set(x[0], mode="drop")
+        x = x.reshape(b, tx, cfg.d_model)
+    return _rms(x[:, lo:hi], params["norm"]["scale"], cfg.rms_eps)
+
+
+def _fast_inputs(
     config: LlamaConfig,
     params: Params,
     prompt: jax.Array,
@@ -410,8 +466,9 @@ def _fast_hidden(
     groups: tuple[jax.Array, jax.Array] | None = None,
     cached: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     window: int = 0,
-) -> jax.Array:
-    """Same as `_prefixed_hidden(...)[:, lo:hi]` (all columns when `cols` is None), deterministic.
+):
+    """The first layer's input: ((prefix [n, p, d] or None, rows [b, tx, d] or a packed stream
+    [1, slots, d]), `_Stream`, each layer's cached (keys, values) stacked or None).
     `slots` > 0: run the real tokens as one packed stream of that static size (must hold them),
     with banded attention when `window` > 0 (>= the longest row - 1; see "Packing" above).
     `groups` = (first rows [n], group of each row [b]) for per-row prompts [b, L, d] whose rows
@@ -479,28 +536,9 @@ def _fast_hidden(
     biases = (bias_p, bias_x)
     lo, hi = (0, t) if cols is None else cols
     lo, hi = lo + tx - t, hi + tx - t  # token columns -> row columns (per-row prompts first)
-    # the stacked weights are the scan's xs (not indexed out of a closed-over constant): then the
-    # backward pass reads them in place instead of saving a stacked copy of every layer's weights
-    stacked = (params["layers"], None if cached is None else cached[:2])  # weights, cached k/v
-    prune_last = opts.prune_last and not slots  # packed columns are not per-row slices
-    xs = jax.tree_util.tree_map(lambda a: a[:-1], stacked) if prune_last else stacked
-
-    def body(carry, layer):
-        w, kv = layer
-        out = _layer(cfg, opts.fuse, w, *carry, tables, biases, groups=group_index, cached=kv,
-                     window=window)
-        return out[:2], None
-
-    (prefix, x), _ = jax.lax.scan(body, (prefix, x), xs, unroll=opts.unroll)
-    if prune_last:
-        w, kv = jax.tree_util.tree_map(lambda a: a[-1], stacked)
-        _, x, _ = _layer(cfg, opts.fuse, w, prefix, x, tables, biases, (lo, hi), group_index, kv)
-    elif slots:  # [1, slots, d] -> [b, tx, d]; columns without a token stay zero
-        x = jnp.zeros((b * tx, cfg.d_model), x.dtype).at[index].set(x[0], mode="drop")
-        x = x.reshape(b, tx, cfg.d_model)[:, lo:hi]
-    else:
-        x = x[:, lo:hi]
-    return _rms(x, params["norm"]["scale"], cfg.rms_eps)
+    stream = _Stream(tables, biases, group_index, index if slots else None, window, (b, tx),
+                     (lo, hi))
+    return (prefix, x), stream, None if cached is None else cached[:2]
 
 
 def _pack(x: jax.Array, mask: jax.Array, positions: jax.Array, slots: int, window: int = 0):
@@ -632,23 +670,146 @@ def _with_answers(tokens, mask, answers, answer_mask):
             jnp.concatenate([mask, answer_mask[:, :-1]], 1))
 
 
+def _gold_inputs(batch: Batch):
+    """(context + gold answer tokens [n, t], their mask, gold answer [n, k], its mask [n, k]);
+    hidden states of the last k columns predict the gold answer."""
+    rows = jnp.arange(batch["tokens"].shape[0])
+    gold = batch["choices"][rows, batch["labels"]]
+    gold_mask = batch["choice_mask"][rows, batch["labels"]]
+    return (*_with_answers(batch["tokens"], batch["mask"], gold, gold_mask), gold, gold_mask)
+
+
+def _gold_loss(config, params, hidden, gold, gold_mask) -> jax.Array:
+    """Mean cross-entropy over the gold answer's tokens, from the hidden states predicting them."""
+    log_probs = _answer_log_probs(config, params, hidden, gold)
+    weights = gold_mask.astype(jnp.float32)
+    return -jnp.sum(log_probs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def make_loss_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):
     """`_opts=None` selects the plain Flax path (reference and benchmarks)."""
 
     def loss_fn(params: Params, prompt: jax.Array, batch: Batch, rng: jax.Array | None = None):
         """Mean cross-entropy over the gold answer's tokens."""
-        rows = jnp.arange(batch["tokens"].shape[0])
-        gold = batch["choices"][rows, batch["labels"]]  # [batch, k]
-        gold_mask = batch["choice_mask"][rows, batch["labels"]]
-        tokens, mask = _with_answers(batch["tokens"], batch["mask"], gold, gold_mask)
+        tokens, mask, gold, gold_mask = _gold_inputs(batch)
         k, t = gold.shape[1], tokens.shape[1]
         hidden = _hidden(config, params, prompt, tokens, mask, bos_id, rng, (t - k, t), _opts,
                          _packing(batch))
-        log_probs = _answer_log_probs(config, params, hidden, gold)
-        weights = gold_mask.astype(jnp.float32)
-        return -jnp.sum(log_probs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return _gold_loss(config, params, hidden, gold, gold_mask)
 
     return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-streamed prompt gradient (training, one device). `make_loss_fn`'s loss and its gradient
+# w.r.t. the prompt as a Python loop of per-layer jitted calls: the forward pass layer by layer,
+# each call returning what its backward pass needs, then the backward pass layer by layer.
+# Against the one-program step (a `lax.scan` over the stacked weights) no weight is sliced out of
+# a stacked array and no activation is stacked into a [layers, ...] buffer (17% of the step in
+# benchmarks/_trace.py), and what compiles per batch shape is one layer, not the whole model.
+# Weights are read in place: a layer's saved activations never include its inputs (weights,
+# hidden states, masks); the backward call takes those from the caller.
+# ---------------------------------------------------------------------------------------------
+
+
+def split_layers(params: Params) -> list:
+    """The stacked layer weights [layers, ...] as one tree per layer (a copy, made once)."""
+    stacked = jax.tree_util.tree_map(np.asarray, params["layers"])
+    count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return [jax.tree_util.tree_map(lambda a, i=i: jnp.asarray(a[i]), stacked) for i in range(count)]
+
+
+def _signature(*args) -> tuple:
+    """Tree structure, shapes and dtypes of `args`: what a jitted call is traced for."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((a.shape, jnp.dtype(a.dtype)) for a in leaves)
+
+
+class _LayerCalls:
+    """The jitted calls of the layer-streamed gradient for one (config, BOS, options)."""
+
+    def __init__(self, config: LlamaConfig, bos_id: int | None, opts: _FastOptions):
+        self.config, self.bos_id, self.opts = config, bos_id, opts
+        # per traced layer signature: (the backward closure's tree, where each of its leaves is
+        # among the layer's inputs (index) or among the saved activations (-1))
+        self.layouts: dict[tuple, tuple] = {}
+        self.start = jax.jit(self._start)
+        self.forward = jax.jit(self._forward)
+        self.backward = jax.jit(self._backward, static_argnums=0)
+        self.finish = jax.jit(self._finish)
+        self.pull = jax.jit(lambda pullback, g: pullback(g)[0])
+
+    def _start(self, params, prompt, batch):
+        """-> (first layer's input, `_Stream`, the input stage's backward closure)."""
+        tokens, mask, gold, _ = _gold_inputs(batch)
+        k, t = gold.shape[1], tokens.shape[1]
+        slots, window = _packing(batch) if self.opts.pack else (0, 0)
+
+        def inputs(prompt):
+            carry, stream, _ = _fast_inputs(self.config, params, prompt, tokens, mask,
+                                            self.bos_id, (t - k, t), self.opts, slots,
+                                            window=window if self.opts.band else 0)
+            return carry, stream
+
+        carry, pullback, stream = jax.vjp(inputs, prompt, has_aux=True)
+        return carry, stream, pullback
+
+    def _forward(self, w, carry, stream):
+        """One layer -> (its output, the activations its backward pass needs but the inputs)."""
+        out, pullback = jax.vjp(lambda c: _layer_step(self.config, self.opts.fuse, w, c, stream),
+                                carry)
+        leaves, tree = jax.tree_util.tree_flatten(pullback)
+        inputs = jax.tree_util.tree_leaves((w, carry, stream))
+        where = tuple(next((j for j, a in enumerate(inputs) if a is leaf), -1) for leaf in leaves)
+        self.layouts[_signature(w, carry, stream)] = (tree, where)
+        return out, [leaf for leaf, j in zip(leaves, where, strict=True) if j < 0]
+
+    @staticmethod
+    def _backward(layout, w, carry, stream, saved, grad):
+        """Gradient w.r.t. a layer's input from the gradient w.r.t. its output."""
+        tree, where = layout
+        inputs, saved = jax.tree_util.tree_leaves((w, carry, stream)), iter(saved)
+        leaves = [inputs[j] if j >= 0 else next(saved) for j in where]
+        return jax.tree_util.tree_unflatten(tree, leaves)(grad)[0]
+
+    def _finish(self, params, carry, stream, batch):
+        """(loss, its gradient w.r.t. the last layer's output)."""
+        _, _, gold, gold_mask = _gold_inputs(batch)
+
+        def loss(carry):
+            hidden = _fast_outputs(self.config, params, carry[1], stream)
+            return _gold_loss(self.config, params, hidden, gold, gold_mask)
+
+        return jax.value_and_grad(loss)(carry)
+
+
+@functools.lru_cache(maxsize=8)
+def _layer_calls(config: LlamaConfig, bos_id: int | None, opts: _FastOptions) -> _LayerCalls:
+    return _LayerCalls(config, bos_id, opts)
+
+
+def make_prompt_grad(config: LlamaConfig, bos_id: int | None, params: Params,
+                     opts: _FastOptions = FAST):
+    """prompt_grad(prompt [L, d], batch) -> (loss, d loss / d prompt): `make_loss_fn`'s loss
+    (deterministic) and its prompt gradient, computed layer by layer (see above). Keeps a
+    per-layer copy of the weights of `params`. `opts.unroll` and `opts.prune_last` do not apply
+    (scan options: here every layer is one call over all columns)."""
+    layers, calls = split_layers(params), _layer_calls(config, bos_id, opts)
+
+    def prompt_grad(prompt: jax.Array, batch: Batch):
+        carry, stream, start_pullback = calls.start(params, prompt, batch)
+        saved = []
+        for w in layers:
+            out, activations = calls.forward(w, carry, stream)
+            saved.append((w, carry, activations))
+            carry = out
+        layout = calls.layouts[_signature(layers[0], saved[0][1], stream)]
+        loss, grad = calls.finish(params, carry, stream, batch)
+        for w, layer_input, activations in reversed(saved):
+            grad = calls.backward(layout, w, layer_input, stream, activations, grad)
+        return loss, calls.pull(start_pullback, grad)
+
+    return prompt_grad
 
 
 def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from spot.backbones.llama import (
     LlamaConfig,
     make_loss_fn,
     make_prefix_fn,
+    make_prompt_grad,
     make_score_fn,
     to_config,
 )
@@ -48,6 +50,8 @@ def build_llama(
         embed_path=("embed", "embedding"),
         packing=True,
         prefix_fn=make_prefix_fn(config, bos_id),
+        prompt_grad_fn=(functools.partial(make_prompt_grad, config, bos_id)
+                        if config.dropout_rate == 0 else None),
     )
 
 
