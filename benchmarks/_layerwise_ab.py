@@ -52,16 +52,18 @@ def main() -> None:
     prompt = np.asarray(initial_prompt(b, "sampled_vocab", 20, 0), np.float32)
     runners = {"one program": OursTrain(with_paths(b, llama.FAST, layerwise=False), prompt, batches),
                "layer by layer": OursTrain(with_paths(b, llama.FAST), prompt, batches)}
-    shapes = sorted({int(x["tokens"].shape[1]) for x in batches})
-    print(f"{len(batches)} batches, {len(shapes)} shapes (context lengths {shapes})")
+    def shape(batch) -> tuple[int, int]:  # (context length, packed stream size)
+        return int(batch["tokens"].shape[1]), int(batch["pack"].shape[0])
+
+    shapes = sorted({shape(x) for x in batches})
+    print(f"{len(batches)} batches, {len(shapes)} shapes (length, stream): {shapes}")
     for name, runner in runners.items():
         seconds = {}
         for batch in runner.batches:
-            shape = int(batch["tokens"].shape[1]), int(batch["pack"].shape[0])
-            if shape not in seconds:
+            if shape(batch) not in seconds:
                 start = time.perf_counter()
                 runner.step(batch)
-                seconds[shape] = time.perf_counter() - start
+                seconds[shape(batch)] = time.perf_counter() - start
         print(f"first call per shape, {name}: "
               + ", ".join(f"{s:.2f} s" for s in seconds.values()))
     calls = {f"{name} | {j}": (lambda r=runner, x=batch: r.step(x))

@@ -4,7 +4,6 @@ a scoring runner (the jitted functions of spot.train / spot.backbones, state car
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +20,16 @@ def with_paths(backbone, opts, layerwise: bool = True):
     """The backbone with loss/score built from fast-path options (`None`: the plain Flax path).
     Prefix states (the prompt run once per scored split) come with the shared prefix only. The
     train step takes its prompt gradient layer by layer (`llama.make_prompt_grad`, the trainer's
-    default) unless `layerwise` is False, the path is the plain one or the options are scan-only
-    (`unroll`, `prune_last`): then it is one jitted program."""
+    default) where `llama.prompt_grad_factory` allows it, unless `layerwise` is False: otherwise
+    it is one jitted program."""
     shared = opts is not None and opts.share_prefix
-    layerwise = layerwise and opts is not None and opts.unroll == 1 and not opts.prune_last
     config, bos = backbone.config, backbone.bos_id
     return dataclasses.replace(
         backbone,
         loss_fn=llama.make_loss_fn(config, bos, opts),
         score_fn=llama.make_score_fn(config, bos, opts),
         prefix_fn=backbone.prefix_fn if shared else None,
-        prompt_grad_fn=(functools.partial(llama.make_prompt_grad, config, bos, opts=opts)
-                        if layerwise else None),
+        prompt_grad_fn=llama.prompt_grad_factory(config, bos, opts) if layerwise else None,
     )
 
 

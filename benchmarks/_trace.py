@@ -1,7 +1,7 @@
 """Where the packed SmolLM2 train step's wall time goes, per compiled XLA op (jax.profiler): the
 one-program step (jit of the whole loss gradient), or with `--layerwise` the trainer's default
-step (the prompt gradient layer by layer, `llama.make_prompt_grad`; its gaps between calls are
-the difference between the untraced time and the traced ops' time).
+step (the prompt gradient layer by layer, `llama.make_prompt_grad`). Only ops on XLA's worker
+threads are counted, so the traced total falls short of the untraced step time.
 
 Runs our train step on the benchmark's SST-2 batches (batch 8, max length 128, prompt 20, packed
 where that pays), traces a few steps with `jax.profiler`, and splits the wall time among the ops

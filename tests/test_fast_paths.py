@@ -394,3 +394,15 @@ def test_layerwise_calls_read_weights_in_place_and_compute_no_weight_gradients(t
                                jax.tree_util.tree_map(jnp.ones_like, out)).compile().as_text()
     shapes = _dot_shapes(hlo)
     assert shapes and not shapes & {w.shape for w in jax.tree_util.tree_leaves(layers[0])}
+
+
+def test_prompt_grad_factory_only_where_the_layerwise_gradient_applies(tiny_llama):
+    """The loader's `prompt_grad_fn` comes from `prompt_grad_factory`: none for the plain path,
+    dropout or the scan-only options (the trainer then runs one jitted program)."""
+    cfg, bos = tiny_llama.config, tiny_llama.bos_id
+    assert tiny_llama.prompt_grad_fn is not None
+    assert llama.prompt_grad_factory(cfg, bos) is not None
+    assert llama.prompt_grad_factory(cfg, bos, None) is None
+    assert llama.prompt_grad_factory(dataclasses.replace(cfg, dropout_rate=0.1), bos) is None
+    for scan_only in (dict(unroll=True), dict(prune_last=True)):
+        assert llama.prompt_grad_factory(cfg, bos, dataclasses.replace(llama.FAST, **scan_only)) is None

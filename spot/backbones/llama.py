@@ -705,8 +705,8 @@ def make_loss_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | 
 # w.r.t. the prompt as a Python loop of per-layer jitted calls: the forward pass layer by layer,
 # each call returning what its backward pass needs, then the backward pass layer by layer.
 # Against the one-program step (a `lax.scan` over the stacked weights) no weight is sliced out of
-# a stacked array and no activation is stacked into a [layers, ...] buffer (17% of the step in
-# benchmarks/_trace.py), and what compiles per batch shape is one layer, not the whole model.
+# a stacked array and no activation is stacked into a [layers, ...] buffer (16-17% of the step
+# in benchmarks/_trace.py), and what compiles per batch shape is one layer, not the whole model.
 # Weights are read in place: a layer's saved activations never include its inputs (weights,
 # hidden states, masks); the backward call takes those from the caller.
 # ---------------------------------------------------------------------------------------------
@@ -792,8 +792,7 @@ def make_prompt_grad(config: LlamaConfig, bos_id: int | None, params: Params,
                      opts: _FastOptions = FAST):
     """prompt_grad(prompt [L, d], batch) -> (loss, d loss / d prompt): `make_loss_fn`'s loss
     (deterministic) and its prompt gradient, computed layer by layer (see above). Keeps a
-    per-layer copy of the weights of `params`. `opts.unroll` and `opts.prune_last` do not apply
-    (scan options: here every layer is one call over all columns)."""
+    per-layer copy of the weights of `params`. `prompt_grad_factory` says when it applies."""
     layers, calls = split_layers(params), _layer_calls(config, bos_id, opts)
 
     def prompt_grad(prompt: jax.Array, batch: Batch):
@@ -810,6 +809,17 @@ def make_prompt_grad(config: LlamaConfig, bos_id: int | None, params: Params,
         return loss, calls.pull(start_pullback, grad)
 
     return prompt_grad
+
+
+def prompt_grad_factory(config: LlamaConfig, bos_id: int | None,
+                        opts: _FastOptions | None = FAST):
+    """`Backbone.prompt_grad_fn` for these options: params -> `make_prompt_grad`'s function, or
+    None where the layer-by-layer gradient does not apply: the plain path (`opts` None), dropout
+    (the fast path is deterministic), and the scan-only options `unroll` and `prune_last`."""
+    unrolled = opts is not None and (opts.unroll is True or opts.unroll != 1)  # True == 1
+    if opts is None or config.dropout_rate > 0 or unrolled or opts.prune_last:
+        return None
+    return functools.partial(make_prompt_grad, config, bos_id, opts=opts)
 
 
 def make_score_fn(config: LlamaConfig, bos_id: int | None, _opts: _FastOptions | None = FAST):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from spot.backbones.llama import (
     LlamaConfig,
     make_loss_fn,
     make_prefix_fn,
-    make_prompt_grad,
     make_score_fn,
+    prompt_grad_factory,
     to_config,
 )
 from spot.backbones.llama_weights import params_from_hf, read_hf_dir
@@ -50,8 +49,7 @@ def build_llama(
         embed_path=("embed", "embedding"),
         packing=True,
         prefix_fn=make_prefix_fn(config, bos_id),
-        prompt_grad_fn=(functools.partial(make_prompt_grad, config, bos_id)
-                        if config.dropout_rate == 0 else None),
+        prompt_grad_fn=prompt_grad_factory(config, bos_id),
     )
 
 
