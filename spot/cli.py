@@ -14,11 +14,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPoT: soft p
 console = Console()
 
 Backbone = Annotated[str, typer.Option(help="registered name or checkpoint directory")]
+# for commands that also read a config file: None keeps the file's backbone
+ConfigBackbone = Annotated[str | None, typer.Option(
+    help="registered name or checkpoint directory (default: the config file's, else smollm2-135m)")]
+ConfigFile = Annotated[Path | None, typer.Option(help="JSON TrainConfig; flags override it")]
 
 
 def _fail(error: Exception) -> None:
     console.print(f"[red]error:[/red] {error}")
     raise typer.Exit(2)
+
+
+def _train_config(config: Path | None, defaults: dict, **flags):
+    """A TrainConfig from the config file (or `defaults` without one), flags that are not None win."""
+    from spot.train import TrainConfig
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if config is not None:
+        return TrainConfig.from_file(config, **given)
+    return TrainConfig(**{**defaults, **given})
 
 
 @app.command()
@@ -37,8 +51,8 @@ def tasks() -> None:
 def train(
     task: Annotated[str | None, typer.Option(help="registered task name")] = None,
     out: Annotated[Path, typer.Option(help="run directory (resumes if it exists)")] = Path("runs/train"),
-    backbone: Backbone = "smollm2-135m",
-    config: Annotated[Path | None, typer.Option(help="JSON TrainConfig; flags override it")] = None,
+    backbone: ConfigBackbone = None,
+    config: ConfigFile = None,
     steps: int | None = None,
     key_step: int | None = None,
     eval_every: int | None = None,
@@ -64,7 +78,6 @@ def train(
     """Prompt-tune a task; writes key (early) and value (best) prompts into OUT."""
     from spot import backbones
     from spot.tasks import get_task
-    from spot.train import TrainConfig
     from spot.train import train as run_training
 
     overrides = dict(task=task, backbone=backbone, steps=steps, key_step=key_step,
@@ -75,15 +88,10 @@ def train(
                      reparameterization=reparameterization, prompt_ema=prompt_ema,
                      balance_classes=balance_classes)
     try:
-        if config is not None:
-            cfg = TrainConfig.from_file(config, **overrides)
-        else:
-            if task is None:
-                raise ValueError("--task or --config is required")
-            given = {k: v for k, v in overrides.items() if v is not None}
-            if steps is not None and key_step is None:
-                given["key_step"] = max(1, steps // 6)
-            cfg = TrainConfig(**given)
+        if config is None and task is None:
+            raise ValueError("--task or --config is required")
+        defaults = {"key_step": max(1, steps // 6)} if steps is not None else {}
+        cfg = _train_config(config, defaults, **overrides)
         model = backbones.load(cfg.backbone)
         result = run_training(model, get_task(cfg.task), cfg, out)
     except (ValueError, KeyError, OSError) as error:
@@ -149,27 +157,28 @@ def train_source(
     library: LibraryDir = None,
     remote: Remote = None,
     token: Token = None,
-    backbone: Backbone = "smollm2-135m",
-    steps: int = 300,
-    key_step: int = 50,
-    eval_every: int = 50,
-    batch_size: int = 8,
-    prompt_length: int = 20,
-    seed: int = 0,
+    backbone: ConfigBackbone = None,
+    config: ConfigFile = None,
+    steps: Annotated[int | None, typer.Option(help="default 300 without --config")] = None,
+    key_step: Annotated[int | None, typer.Option(help="default 50 without --config")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="default 50 without --config")] = None,
+    batch_size: int | None = None,
+    prompt_length: int | None = None,
+    seed: int | None = None,
 ) -> None:
     """Train a source prompt and publish its key and value in one go."""
     from spot import backbones
     from spot.tasks import get_task
-    from spot.train import TrainConfig
     from spot.train import train as run_training
 
     try:
         source = _prompt_source(library, remote, token)
-        cfg = TrainConfig(task=task, backbone=backbone, steps=steps, key_step=key_step,
-                          eval_every=eval_every, batch_size=batch_size,
-                          prompt_length=prompt_length, seed=seed)
-        run_training(backbones.load(backbone), get_task(task), cfg, out)
-        ids = source.publish(out / "key.safetensors", out / "value.safetensors", {"task": task})
+        cfg = _train_config(config, {"steps": 300, "key_step": 50, "eval_every": 50}, task=task,
+                            backbone=backbone, steps=steps, key_step=key_step,
+                            eval_every=eval_every, batch_size=batch_size,
+                            prompt_length=prompt_length, seed=seed)
+        run_training(backbones.load(cfg.backbone), get_task(cfg.task), cfg, out)
+        ids = source.publish(out / "key.safetensors", out / "value.safetensors", {"task": cfg.task})
     except (ValueError, KeyError, OSError) as error:
         _fail(error)
     console.print(f"published {task}: key {ids.key}, value {ids.value}")
@@ -208,26 +217,29 @@ def query(
     library: LibraryDir = None,
     remote: Remote = None,
     token: Token = None,
-    backbone: Backbone = "smollm2-135m",
+    backbone: ConfigBackbone = None,
+    config: Annotated[Path | None, typer.Option(
+        help="JSON TrainConfig for the query prompt; flags override it")] = None,
     k: int = 3,
     metric: str = "token",
-    key_step: int = 50,
+    key_step: Annotated[int | None, typer.Option(help="query training steps (default 50)")] = None,
 ) -> None:
     """Top-k source prompts for a target task (or a query prompt file)."""
     from spot import backbones
     from spot.prompts import load_for_backbone
     from spot.tasks import get_task
-    from spot.train import TrainConfig
     from spot.transfer import query_prompt, retrieve
 
     try:
         source = _prompt_source(library, remote, token)
-        model = backbones.load(backbone)
         if prompt is not None:
+            model = backbones.load(backbone or backbones.DEFAULT_BACKBONE)
             soft, _ = load_for_backbone(prompt, model)
-        elif task is not None:
-            cfg = TrainConfig(task=task, backbone=backbone, steps=key_step, key_step=key_step)
-            soft = query_prompt(model, get_task(task), cfg, out)
+        elif task is not None or config is not None:
+            cfg = _train_config(config, {"key_step": 50}, task=task, backbone=backbone,
+                                key_step=key_step)
+            model = backbones.load(cfg.backbone)
+            soft = query_prompt(model, get_task(cfg.task), cfg, out)
         else:
             raise ValueError("give --task or --prompt")
         _show_matches(retrieve(source, model, soft, k, metric))
@@ -245,29 +257,33 @@ def tune_target(
     library: LibraryDir = None,
     remote: Remote = None,
     token: Token = None,
-    backbone: Backbone = "smollm2-135m",
-    steps: int = 100,
-    key_step: int = 20,
-    batch_size: int = 8,
-    prompt_length: int = 20,
-    baseline: Annotated[bool, typer.Option(help="also tune from sampled vocab; report RER")] = True,
+    backbone: ConfigBackbone = None,
+    config: Annotated[Path | None, typer.Option(
+        help="JSON TrainConfig for the query, transfer and baseline runs; flags override it")] = None,
+    steps: Annotated[int | None, typer.Option(help="default 100 without --config")] = None,
+    key_step: Annotated[int | None, typer.Option(help="default 20 without --config")] = None,
+    batch_size: int | None = None,
+    prompt_length: int | None = None,
+    baseline: Annotated[bool, typer.Option(
+        help="also tune from the config's init (sampled vocab by default); report RER")] = True,
     test_examples: int = 500,
 ) -> None:
     """Query the library with the target, then tune it from the top-k sources."""
     from spot import backbones
     from spot.tasks import get_task
-    from spot.train import TrainConfig
     from spot.train import train as run_training
     from spot.transfer import held_out_score, query_prompt, relative_error_reduction, retrieve
     from spot.transfer import tune_target as run_transfer
 
     try:
         source = _prompt_source(library, remote, token)
-        model = backbones.load(backbone)
-        target = get_task(task)
-        cfg = TrainConfig(task=task, backbone=backbone, steps=steps, key_step=key_step,
-                          eval_every=max(key_step, steps // 4), batch_size=batch_size,
-                          prompt_length=prompt_length)
+        plain = {"steps": 100 if steps is None else steps,
+                 "key_step": 20 if key_step is None else key_step}
+        plain["eval_every"] = max(plain["key_step"], plain["steps"] // 4)  # four evaluations
+        cfg = _train_config(config, plain, task=task, backbone=backbone, steps=steps,
+                            key_step=key_step, batch_size=batch_size, prompt_length=prompt_length)
+        model = backbones.load(cfg.backbone)
+        target = get_task(cfg.task)
         retrieved = retrieve(source, model, query_prompt(model, target, cfg, out / "query"), k,
                              metric, exclude=[task])
         _show_matches(retrieved)
@@ -278,7 +294,7 @@ def tune_target(
         if baseline:
             base = run_training(model, target, cfg, out / "baseline", show_progress=False)
             base_score = held_out_score(model, target, base, test_examples)
-            table.add_row("sampled vocab", f"{base_score:.2f}", "")
+            table.add_row(f"{cfg.init} (baseline)", f"{base_score:.2f}", "")
             table.add_row(strategy, f"{score:.2f}",
                           f"{relative_error_reduction(base_score, score):+.3f}")
         else:

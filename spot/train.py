@@ -49,6 +49,9 @@ class TrainingError(RuntimeError):
 
 OBJECTIVES = ("lm", "choices")
 SCHEDULES = ("constant", "linear", "cosine")
+# The resume point is also written every this many steps, so a run that evaluates rarely (a long
+# source run with one evaluation at the end) loses at most these steps when it is interrupted.
+CHECKPOINT_EVERY = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,7 +399,8 @@ def train(
                                       metric=metric, init=config.init, seed=config.seed)
                 with open(out / "metrics.jsonl", "a") as log:
                     log.write(json.dumps(record) + "\n")
-            if step % config.eval_every == 0 or step in (config.key_step, config.steps):
+            if (step % config.eval_every == 0 or step % CHECKPOINT_EVERY == 0
+                    or step in (config.key_step, config.steps)):
                 _save_state(state_path, trainable, average, opt_state, step, best, best_step)
     value, _ = load_for_backbone(out / "value.safetensors", backbone) if best_step else (None, None)
     key, _ = load_for_backbone(out / "key.safetensors", backbone) if step >= config.key_step else (None, None)

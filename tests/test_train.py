@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from tiny_tasks import polarity_task
 
+import spot.train
 from library.prompt_file import load_prompt
 from spot.backbones.base import BackboneError
 from spot.batching import balanced_train_rows, encode, make_batch
@@ -92,6 +94,22 @@ def test_resume_equals_uninterrupted(tiny_llama, tmp_path, options):
     final = [load_file(str(run / "state.safetensors")) for run in (part, tmp_path / "full")]
     assert final[0].keys() == final[1].keys()
     for name in final[0]:  # a decay goes on from step 13, not from the start; MLP and EMA too
+        np.testing.assert_array_equal(final[0][name], final[1][name])
+
+
+def test_resume_point_is_written_between_rare_evaluations(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(spot.train, "CHECKPOINT_EVERY", 5)
+    config = TrainConfig(**{**FAST, "steps": 20, "key_step": 3, "eval_every": 20})
+    full = train(tiny_llama, polarity_task(), config, tmp_path / "full", show_progress=False)
+    part = tmp_path / "part"
+    train(tiny_llama, polarity_task(), config, part, show_progress=False, stop_after=13)
+    with safe_open(str(part / "state.safetensors"), "np") as state:
+        assert state.metadata()["step"] == "10"  # not the key step's 3
+    resumed = train(tiny_llama, polarity_task(), config, part, show_progress=False)
+    np.testing.assert_array_equal(resumed.value, full.value)
+    assert [r["accuracy"] for r in resumed.history] == [r["accuracy"] for r in full.history]
+    final = [load_file(str(run / "state.safetensors")) for run in (part, tmp_path / "full")]
+    for name in final[0]:
         np.testing.assert_array_equal(final[0][name], final[1][name])
 
 
