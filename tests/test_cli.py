@@ -87,7 +87,7 @@ def test_query_and_tune_target_train_with_the_config_file(cli, tmp_path):
                "--config", config)
     target = tmp_path / "target"
     invoke("tune-target", "--task", names[1], "--library", library, "--config", config,
-                    "--out", target, "--k", 1, "--test-examples", 16, "--no-baseline")
+           "--out", target, "--k", 1, "--test-examples", 16, "--no-baseline")
     transfer = json.loads((target / "best-of-k" / "transfer.json").read_text())
     assert [r["task"] for r in transfer["retrieved"]] == [names[0]]
     for run_dir in (target / "query", target / "best-of-k" / f"from_{names[0]}" / "run"):

@@ -49,12 +49,12 @@ def sst2() -> dict[str, list[Example]]:
 
     train, dev, test = read("train.tsv"), read("dev.tsv"), read("test.tsv")
     validation = [ex for full, ex in dev if full]
+    rows = [ex for _, ex in train] + [ex for full, ex in dev if not full]
     # A validation sentence's root phrase (the sentence without its final . ! or ?) is often a
     # training row with the same label: kept, validation would half score memorised rows.
     held_out = {letters_and_digits(ex.text) for ex in validation}
     return {
-        "train": [ex for _, ex in train + [row for row in dev if not row[0]]
-                  if letters_and_digits(ex.text) not in held_out],
+        "train": [ex for ex in rows if letters_and_digits(ex.text) not in held_out],
         "validation": validation,
         "test": [ex for _, ex in test],
     }
