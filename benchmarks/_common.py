@@ -74,14 +74,13 @@ def machine() -> dict[str, str]:
     }
 
 
-def llama_forward_flops(cfg, b: int, t: int, p: int, shared: bool, last_cols: int | None,
-                        answer_rows: int, keys: int | None = None,
-                        cached: bool = False) -> dict[str, float]:
+def llama_forward_flops(cfg, b: int, t: int, p: int, shared: bool, answer_rows: int,
+                        keys: int | None = None, cached: bool = False) -> dict[str, float]:
     """Matmul FLOPs (2 per multiply-add) of one forward pass of our Llama.
 
     `t` token columns per row (after any per-row prompt) in `b` rows, a prefix of `p`
     positions that is either computed once (`shared`) or per row (then p = 0 and t includes it),
-    `last_cols` columns kept through the last layer (None: all), `answer_rows` rows of logits.
+    `answer_rows` rows of logits.
     `keys`: the keys each column attends to besides the prefix (None: the t of its row; a
     banded packed stream: window + chunk); `cached`: the shared prefix comes as precomputed
     states (attended to, not run).
@@ -89,19 +88,12 @@ def llama_forward_flops(cfg, b: int, t: int, p: int, shared: bool, last_cols: in
     d, hd = cfg.d_model, cfg.head_dim
     q_dim, kv_dim = cfg.num_heads * hd, cfg.num_kv_heads * hd
     dense_per_row = 2 * d * (q_dim + 2 * kv_dim + q_dim) + 2 * 3 * d * cfg.d_ff
-    kv_per_row = 2 * d * 2 * kv_dim
     prefix_keys = p if shared else 0
     prefix_rows = 0 if cached else prefix_keys
     keys = t if keys is None else keys
     attn = 2 * 2 * cfg.num_heads * hd  # QK^T and AV per (query, key) pair
-    all_rows = prefix_rows + b * t
-    full_layers = cfg.num_layers - (1 if last_cols is not None else 0)
-    dense = full_layers * all_rows * dense_per_row
-    attention = full_layers * attn * (prefix_rows * prefix_rows + b * t * (prefix_keys + keys))
-    if last_cols is not None:
-        kept = b * last_cols
-        dense += all_rows * kv_per_row + kept * (dense_per_row - kv_per_row)
-        attention += attn * kept * (prefix_keys + keys)
+    dense = cfg.num_layers * (prefix_rows + b * t) * dense_per_row
+    attention = cfg.num_layers * attn * (prefix_rows * prefix_rows + b * t * (prefix_keys + keys))
     logits = 2 * answer_rows * d * cfg.vocab_size
     return {"dense": float(dense), "attention": float(attention), "logits": float(logits)}
 

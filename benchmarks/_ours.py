@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spot.backbones import llama
+from spot.backbones import llama_fns, llama_grad
 from spot.evaluation import reusable_prompt
 from spot.train import TrainConfig, data_mesh, make_train_step, optimizer_for
 
@@ -19,17 +19,17 @@ DEFAULTS = TrainConfig(task="benchmark")  # the trainer's optimizer defaults
 def with_paths(backbone, opts, layerwise: bool = True):
     """The backbone with loss/score built from fast-path options (`None`: the plain Flax path).
     Prefix states (the prompt run once per scored split) come with the shared prefix only. The
-    train step takes its prompt gradient layer by layer (`llama.make_prompt_grad`, the trainer's
-    default) where `llama.prompt_grad_factory` allows it, unless `layerwise` is False: otherwise
-    it is one jitted program."""
+    train step takes its prompt gradient layer by layer (`llama_grad.make_prompt_grad`, the
+    trainer's default) where `llama_grad.prompt_grad_factory` allows it, unless `layerwise` is
+    False: otherwise it is one jitted program."""
     shared = opts is not None and opts.share_prefix
     config, bos = backbone.config, backbone.bos_id
     return dataclasses.replace(
         backbone,
-        loss_fn=llama.make_loss_fn(config, bos, opts),
-        score_fn=llama.make_score_fn(config, bos, opts),
+        loss_fn=llama_fns.make_loss_fn(config, bos, opts),
+        score_fn=llama_fns.make_score_fn(config, bos, opts),
         prefix_fn=backbone.prefix_fn if shared else None,
-        prompt_grad_fn=llama.prompt_grad_factory(config, bos, opts) if layerwise else None,
+        prompt_grad_fn=llama_grad.prompt_grad_factory(config, bos, opts) if layerwise else None,
     )
 
 

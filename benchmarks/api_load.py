@@ -2,7 +2,9 @@
 
 Fills (or reuses) a library of `--entries` keys, starts `python -m retrieval_api` on a free
 127.0.0.1 port, then `--clients` concurrent clients send POST /v1/query for `--duration`
-seconds (at most `--max-requests` in total) and the run stops by itself.
+seconds (at most `--max-requests` in total) and the run stops by itself. `--hostile N` adds N
+clients that keep sending an oversize query (`--hostile-mib` MiB of zeros as JSON lists), and a
+probe times GET /healthz every 50 ms throughout.
 
     .venv/bin/python benchmarks/api_load.py --library /tmp/spot_bench_100k --entries 100000 --clients 16
 """
@@ -79,11 +81,52 @@ def start_server(root: Path, port: int, index: str) -> subprocess.Popen[bytes]:
     raise RuntimeError("server did not start")
 
 
+def oversize_body(mib: float, d: int) -> bytes:
+    """A JSON query of zeros whose prompt has as many d-wide rows as fit in `mib` MiB."""
+    row = "[" + ", ".join(["0.0"] * d) + "]"
+    rows = max(1, int(mib * 2**20) // (len(row) + 2))
+    return f'{{"backbone": "{BACKBONE}", "prompt": [{", ".join([row] * rows)}]}}'.encode()
+
+
+async def hostile(url: str, body: bytes, deadline: float, outcomes: dict[str, int]) -> None:
+    """Send `body` as a query again and again until `deadline`, counting the outcomes."""
+    headers = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
+        while time.perf_counter() < deadline:
+            try:
+                outcome = str((await http.post("/v1/query", content=body)).status_code)
+            except httpx.HTTPError as err:
+                outcome = type(err).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+
+async def probe(url: str, deadline: float, latencies: list[float]) -> None:
+    """Time GET /healthz every 50 ms until `deadline`."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            await http.get("/healthz")
+            latencies.append(time.perf_counter() - start)
+            await asyncio.sleep(0.05)
+
+
+def _ms(seconds: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.array(seconds) * 1e3, q)), 1) if seconds else None
+
+
 async def load(
-    url: str, bodies: list[bytes], clients: int, duration: float, max_requests: int
+    url: str,
+    bodies: list[bytes],
+    clients: int,
+    duration: float,
+    max_requests: int,
+    oversize: bytes | None = None,
+    hostiles: int = 0,
 ) -> dict[str, object]:
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    hostile_outcomes: dict[str, int] = {}
+    health: list[float] = []
     deadline = time.perf_counter() + duration
 
     async def client(worker: int) -> None:
@@ -108,16 +151,21 @@ async def load(
                 i += clients
 
     start = time.perf_counter()
-    await asyncio.gather(*(client(w) for w in range(clients)))
+    extra = [hostile(url, oversize, deadline, hostile_outcomes) for _ in range(hostiles)]
+    await asyncio.gather(
+        *(client(w) for w in range(clients)), *extra, probe(url, deadline, health)
+    )
     elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1e3
     return {
         "requests": len(latencies),
         "errors": errors,
         "seconds": round(elapsed, 1),
         "qps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
-        "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+        "p50_ms": _ms(latencies, 50),
+        "p99_ms": _ms(latencies, 99),
+        "hostile_outcomes": hostile_outcomes,
+        "healthz_p99_ms": _ms(health, 99),
+        "healthz_max_ms": round(max(health) * 1e3, 1) if health else None,
     }
 
 
@@ -146,6 +194,8 @@ def main() -> None:
     parser.add_argument("--metric", choices=("mean", "token"), default="mean")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--index", choices=KINDS, default="flat")
+    parser.add_argument("--hostile", type=int, default=0, help="clients sending oversize queries")
+    parser.add_argument("--hostile-mib", type=float, default=30.0, help="MiB of a hostile query")
     args = parser.parse_args()
 
     fill_s = fill(args.library, args.entries, args.key_length, args.d)
@@ -172,7 +222,12 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(load(url, bodies[:1], 1, 60.0, 2))  # server loads the index file
-        result = asyncio.run(load(url, bodies, args.clients, args.duration, args.max_requests))
+        oversize = oversize_body(args.hostile_mib, args.d) if args.hostile else None
+        result = asyncio.run(
+            load(
+                url, bodies, args.clients, args.duration, args.max_requests, oversize, args.hostile
+            )
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

@@ -47,8 +47,8 @@ from _common import (  # noqa: E402
 from _ours import OursScore, OursTrain, with_paths  # noqa: E402
 
 from spot import backbones  # noqa: E402
-from spot.backbones import llama  # noqa: E402
 from spot.backbones.base import PACK_CHUNK  # noqa: E402
+from spot.backbones.llama_fast import FAST  # noqa: E402
 from spot.batching import encode, eval_batches, make_batch, train_rows  # noqa: E402
 from spot.evaluation import subset  # noqa: E402
 from spot.prompts import initial_prompt  # noqa: E402
@@ -175,25 +175,25 @@ def share_of_peak(times, name, flops) -> tuple[float, float, float]:
 def step_flops(cfg, batches, opts, train: bool, states: bool = False) -> float:
     """Analytic matmul FLOPs of our step over all batches (see _common.llama_forward_flops).
     `states` (scoring): from prefix states, so the prompt runs once for all the batches."""
-    total = sum(llama_forward_flops(cfg, 0, 0, PROMPT_LENGTH, True, None, 0).values()) if states else 0.0
+    total = sum(llama_forward_flops(cfg, 0, 0, PROMPT_LENGTH, True, 0).values()) if states else 0.0
     for b in batches:
         n, t = b["tokens"].shape
         k = b["choices"].shape[-1]
         if train:
-            t, cols, answer_rows = t + k - 1, k, n * k  # the last answer token is not run
+            t, answer_rows = t + k - 1, n * k  # the last answer token is not run
         else:
-            cols, answer_rows = 1, n * b["choices"].shape[1]  # single-token answers: last position
+            answer_rows = n * b["choices"].shape[1]  # single-token answers: last position
         if opts is not None and opts.pack and "pack" in b:  # one stream, banded attention
             keys = b["pack_window"].shape[0] + PACK_CHUNK if opts.band else None
-            fwd = llama_forward_flops(cfg, 1, b["pack"].shape[0], PROMPT_LENGTH, True, None,
+            fwd = llama_forward_flops(cfg, 1, b["pack"].shape[0], PROMPT_LENGTH, True,
                                       answer_rows, keys, states)
         elif opts is None:  # plain path: prompt in every row, every layer at every column
-            fwd = llama_forward_flops(cfg, n, t + PROMPT_LENGTH, 0, False, None, answer_rows)
+            fwd = llama_forward_flops(cfg, n, t + PROMPT_LENGTH, 0, False, answer_rows)
         else:
             fwd = llama_forward_flops(
                 cfg, n, t if opts.share_prefix else t + PROMPT_LENGTH,
-                PROMPT_LENGTH if opts.share_prefix else 0, opts.share_prefix,
-                cols if opts.prune_last else None, answer_rows, cached=states,
+                PROMPT_LENGTH if opts.share_prefix else 0, opts.share_prefix, answer_rows,
+                cached=states,
             )
         total += train_flops(fwd) if train else sum(fwd.values())
     return total
@@ -263,15 +263,14 @@ def main() -> None:
     print("context lengths (bucketed)", lengths, flush=True)
 
     # --- our variants: fast-path options (None = the plain Flax path)
-    opts_of = {"ours (fast path)": llama.FAST, "ours (plain Flax path, before)": None,
-               "ours (fast path, no packing)": dataclasses.replace(llama.FAST, pack=False)}
+    opts_of = {"ours (fast path)": FAST, "ours (plain Flax path, before)": None,
+               "ours (fast path, no packing)": dataclasses.replace(FAST, pack=False)}
     if args.ablations:
-        for field, off in (("share_prefix", False), ("band", False), ("prune_last", True),
-                           ("fuse", True), ("unroll", True)):
-            opts_of[f"fast, {field}={off}"] = dataclasses.replace(llama.FAST, **{field: off})
+        for field, off in (("share_prefix", False), ("band", False), ("unroll", True)):
+            opts_of[f"fast, {field}={off}"] = dataclasses.replace(FAST, **{field: off})
     # the fast path's step as one jitted program (layers in a lax.scan): before layer-by-layer
     one_program = "ours (fast path, one program)"
-    opts_of[one_program] = llama.FAST
+    opts_of[one_program] = FAST
     ours_variants = {name: with_paths(backbone, opts, layerwise=name != one_program)
                      for name, opts in opts_of.items()}
 

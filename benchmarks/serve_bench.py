@@ -55,8 +55,8 @@ from _common import gemm_peak, llama_forward_flops  # noqa: E402
 from library import Library  # noqa: E402
 from spot import backbones  # noqa: E402
 from spot.evaluation import subset  # noqa: E402
+from spot.predict import Predictor, Request, ensemble_report  # noqa: E402
 from spot.prompts import sampled_vocab  # noqa: E402
-from spot.serve import Predictor, Request, ensemble_report  # noqa: E402
 from spot.tasks import get_task  # noqa: E402
 
 TASKS = ("sst2", "sst5", "mr", "subj", "mpqa", "trec", "agnews", "cola")
@@ -116,8 +116,8 @@ def request_flops(backbone, text: str, prompt_length: int, max_length: int) -> t
     context = len(backbone.tokenizer.encode(text, add_special_tokens=False).ids[-max_length:])
     prefix = (backbone.bos_id is not None) + prompt_length
     cfg = backbone.config
-    full = sum(llama_forward_flops(cfg, 1, context, prefix, True, None, 1).values())
-    prefix_only = sum(llama_forward_flops(cfg, 0, context, prefix, True, None, 0).values())
+    full = sum(llama_forward_flops(cfg, 1, context, prefix, True, 1).values())
+    prefix_only = sum(llama_forward_flops(cfg, 0, context, prefix, True, 0).values())
     return full - prefix_only, full
 
 

@@ -18,21 +18,26 @@ from library.prompt_file import (
     load_prompt,
     save_prompt,
 )
+from library.protocol import RECIPES, KeyProtocol, ProtocolMismatch
 from library.similarity import METRICS, pool, similarity, top_k
-from library.store import Library, Match, Published, VerifyReport
+from library.store import Library, Match, NoProtocolWarning, Published, VerifyReport
 
 __all__ = [
     "KINDS",
     "METRICS",
+    "RECIPES",
     "ROLES",
     "Entry",
     "EntryNotFound",
     "IndexKind",
+    "KeyProtocol",
     "Library",
     "LibraryCorrupt",
     "LibraryError",
     "Match",
+    "NoProtocolWarning",
     "PromptFileError",
+    "ProtocolMismatch",
     "Published",
     "VerifyReport",
     "check_prompt",

@@ -40,9 +40,11 @@ FIELDS: dict[str, type] = {
 _FORMAT_FIELDS = ("format", "format_version")
 _DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
 _MAX_HEADER_BYTES = 1 << 20
+_INT64 = (-(2**63), 2**63 - 1)  # integer fields are stored as SQLite INTEGER
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_TENSOR = "prompt_embeddings"
+PEFT_SIDECAR = "spot_prompt.json"  # the prompt file's metadata beside an exported adapter
 
 Metadata = dict[str, str]
 
@@ -80,6 +82,13 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def _shown(value: Any) -> str:
+    """A short rendering of a refused value (a huge integer has no cheap decimal form)."""
+    if isinstance(value, (int, np.integer)) and abs(int(value)).bit_length() > 64:
+        return f"a {abs(int(value)).bit_length()}-bit integer"
+    return repr(str(value)[:40])
+
+
 def _field_string(name: str, value: Any) -> str:
     """One metadata value as its canonical string, checked against its field type."""
     kind = FIELDS.get(name, str)
@@ -92,7 +101,7 @@ def _field_string(name: str, value: Any) -> str:
     try:
         if kind is int:
             number = float(value) if isinstance(value, (float, np.floating)) else int(value)
-            if number != int(number):
+            if number != int(number) or not _INT64[0] <= int(number) <= _INT64[1]:
                 raise ValueError
             return str(int(number))
         if kind is float:
@@ -102,7 +111,9 @@ def _field_string(name: str, value: Any) -> str:
             return repr(number)
     except (ValueError, OverflowError):
         raise PromptFileError(
-            f"metadata {name!r} must be a finite {kind.__name__}, got {value!r}"
+            f"metadata {name!r} must be a finite {kind.__name__}"
+            + (" within 64 bits" if kind is int else "")
+            + f", got {_shown(value)}"
         ) from None
     text = str(value)
     if not _utf8(text):
@@ -174,7 +185,7 @@ def decode_prompt(data: bytes) -> tuple[np.ndarray, Metadata]:
         )
     try:
         header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # also UnicodeDecodeError, and integers of over 4300 digits
         raise PromptFileError(f"not a safetensors file: header is not JSON ({err})") from None
     if not isinstance(header, dict):
         raise PromptFileError("not a safetensors file: header is not a JSON object")
@@ -186,14 +197,15 @@ def decode_prompt(data: bytes) -> tuple[np.ndarray, Metadata]:
             f"a prompt file holds exactly one tensor {TENSOR!r}, found {sorted(header)}"
         )
     info = header[TENSOR]
-    dtype = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+    name = info.get("dtype") if isinstance(info, dict) else None
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise PromptFileError(f"tensor {TENSOR!r} must be F16, F32 or F64, got {info!r:.200}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not (
         isinstance(shape, list)
         and len(shape) == 2
-        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and all(type(n) is int and n >= 0 for n in shape)  # JSON true is no size
     ):
         raise PromptFileError(f"prompt must be [length, d_model], got shape {shape!r:.200}")
     nbytes = shape[0] * shape[1] * np.dtype(dtype).itemsize
@@ -230,6 +242,9 @@ def load_prompt(path: str | os.PathLike[str]) -> tuple[np.ndarray, Metadata]:
 def import_npy(path: str | os.PathLike[str]) -> np.ndarray:
     """A prompt saved with `np.save` (e.g. Google's released prompts); pickled arrays are refused."""
     try:
+        with open(path, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                raise ValueError("not a .npy file (no NumPy header)")
         return check_prompt(np.load(path, allow_pickle=False))
     except (OSError, ValueError) as err:
         raise PromptFileError(f"{path}: cannot import .npy prompt: {err}") from None
@@ -240,14 +255,35 @@ def _peft_paths(path: Path) -> tuple[Path, Path]:
     return weights, weights.parent / PEFT_CONFIG
 
 
+def _peft_init(init: str | None) -> dict[str, str]:
+    """PEFT's prompt_tuning_init fields for one of our init specs."""
+    if init and init.startswith("text:"):
+        return {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": init[5:]}
+    return {"prompt_tuning_init": "SAMPLE_VOCAB" if init == "sampled_vocab" else "RANDOM"}
+
+
+def _our_init(config: Mapping[str, Any]) -> str | None:
+    init = config.get("prompt_tuning_init")
+    if init == "TEXT" and config.get("prompt_tuning_init_text"):
+        return f"text:{config['prompt_tuning_init_text']}"
+    return {"SAMPLE_VOCAB": "sampled_vocab", "RANDOM": "random_uniform"}.get(init, init)
+
+
 def import_peft(path: str | os.PathLike[str]) -> tuple[np.ndarray, Metadata]:
-    """A PEFT prompt-tuning adapter (its directory or its adapter_model.safetensors) -> (prompt, metadata)."""
+    """A PEFT prompt-tuning adapter (its directory or its adapter_model.safetensors) -> (prompt, metadata).
+
+    The metadata of an adapter written by `export_peft` (its sidecar) comes back whole: task,
+    step, backbone and the rest."""
     weights, config_path = _peft_paths(Path(path))
+    sidecar = weights.parent / PEFT_SIDECAR
     try:
         config = json.loads(config_path.read_text())
         tensors = safetensors.numpy.load_file(weights)
+        kept = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     except (OSError, ValueError, TypeError) as err:
         raise PromptFileError(f"{path}: cannot read PEFT adapter: {err}") from None
+    if not isinstance(kept, dict):
+        raise PromptFileError(f"{sidecar}: expected a JSON object of prompt metadata")
     if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
         raise PromptFileError(
             f"{config_path}: peft_type must be PROMPT_TUNING, got {config.get('peft_type')!r}"
@@ -265,8 +301,9 @@ def import_peft(path: str | os.PathLike[str]) -> tuple[np.ndarray, Metadata]:
             f"{weights}: prompt shape {list(prompt.shape)} disagrees with config {expected}"
         )
     metadata = {
-        "init": config.get("prompt_tuning_init"),
+        "init": _our_init(config),
         "peft_base_model": config.get("base_model_name_or_path"),
+        **kept,
     }
     return prompt, metadata_strings(metadata)
 
@@ -277,9 +314,14 @@ def export_peft(
     *,
     base_model: str | None = None,
     task_type: str = "CAUSAL_LM",
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a PEFT prompt-tuning adapter directory (adapter_model.safetensors + adapter_config.json)."""
+    """Write a PEFT prompt-tuning adapter directory (adapter_model.safetensors + adapter_config.json).
+
+    `metadata` (a prompt file's: task, step, backbone, ...) sets PEFT's init fields and is kept
+    whole in a sidecar, spot_prompt.json, that `import_peft` reads back."""
     prompt = check_prompt(array)
+    meta = metadata_strings(metadata)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -288,10 +330,12 @@ def export_peft(
         "num_virtual_tokens": prompt.shape[0],
         "token_dim": prompt.shape[1],
         "num_transformer_submodules": 1,
-        "prompt_tuning_init": "RANDOM",
-        "base_model_name_or_path": base_model,
+        **_peft_init(meta.get("init")),
+        "base_model_name_or_path": base_model or meta.get("peft_base_model"),
         "inference_mode": True,
     }
     atomic_write(out / PEFT_WEIGHTS, safetensors.numpy.save({PEFT_TENSOR: prompt}))
     atomic_write(out / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    if meta:
+        atomic_write(out / PEFT_SIDECAR, (json.dumps(meta, indent=2) + "\n").encode())
     return out

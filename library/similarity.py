@@ -1,10 +1,12 @@
-"""Prompt similarity (SPoT task embeddings): both metrics are inner products of pooled vectors.
+"""Prompt similarity (SPoT task embeddings): every metric is an inner product of pooled vectors.
 
-- "mean":  cos(mean_i a_i, mean_j b_j)          pool = unit(mean(a))
-- "token": (1/L^2) sum_ij cos(a_i, b_j)        pool = mean(unit(a_i)), not renormalised
+- "mean":  cos(mean_i a_i, mean_j b_j)          pool = unit(mean(a))         [d]
+- "token": (1/L^2) sum_ij cos(a_i, b_j)        pool = mean(unit(a_i))        [d] (not renormalised)
+- "flat":  cos(vec(a), vec(b))                  pool = unit(vec(a))           [L*d]
 
 so `pool(a) @ pool(b)` is exactly the metric, and a key index is an inner-product index over
-pooled keys. Zero vectors count as having cosine 0 with everything.
+pooled keys. "delta-<metric>" applies <metric> to the displacement (key - start) of keys
+trained from a shared start (see `library.protocol`). Zero vectors have cosine 0 with everything.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("mean", "token")
+BASE_METRICS = ("mean", "token", "flat")
+DELTA = "delta-"
+METRICS = BASE_METRICS + tuple(DELTA + m for m in BASE_METRICS)
 
 
 def check_metric(metric: str) -> str:
@@ -21,6 +25,11 @@ def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"unknown similarity metric {metric!r}; choose one of {METRICS}")
     return metric
+
+
+def pooled_dim(metric: str, length: int, d_model: int) -> int:
+    """Width of a pooled vector: d, or L*d for the flat metrics."""
+    return length * d_model if check_metric(metric).endswith("flat") else d_model
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -31,21 +40,30 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
-def _pool64(prompts: Any, metric: str) -> np.ndarray:
+def _pool64(prompts: Any, metric: str, start: Any = None) -> np.ndarray:
     x = np.asarray(prompts, dtype=np.float64)
-    if check_metric(metric) == "mean":
+    if check_metric(metric).startswith(DELTA):
+        if start is None:
+            raise ValueError(f"metric {metric!r} needs the keys' shared start prompt")
+        x = x - np.asarray(start, dtype=np.float64)
+        metric = metric.removeprefix(DELTA)
+    if metric == "mean":
         return _unit(x.mean(axis=-2))
-    return _unit(x).mean(axis=-2)
+    if metric == "token":
+        return _unit(x).mean(axis=-2)
+    return _unit(x.reshape(*x.shape[:-2], -1))
 
 
-def pool(prompts: Any, metric: str) -> np.ndarray:
-    """[..., L, d] prompts -> [..., d] float32 vectors whose inner products are `metric`."""
-    return _pool64(prompts, metric).astype(np.float32)
+def pool(prompts: Any, metric: str, start: Any = None) -> np.ndarray:
+    """[..., L, d] prompts -> float32 vectors whose inner products are `metric`.
+
+    `start` [L, d] is required by the delta metrics."""
+    return _pool64(prompts, metric, start).astype(np.float32)
 
 
-def similarity(a: Any, b: Any, metric: str) -> float:
+def similarity(a: Any, b: Any, metric: str, start: Any = None) -> float:
     """The `metric` similarity of two [L, d] prompts (float64 throughout)."""
-    return float(_pool64(a, metric) @ _pool64(b, metric))
+    return float(_pool64(a, metric, start) @ _pool64(b, metric, start))
 
 
 def top_k(query: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

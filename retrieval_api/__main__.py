@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from library import KINDS
-from retrieval_api.app import DEFAULT_MAX_UPLOAD_BYTES, run
+from retrieval_api.app import run
+from retrieval_api.limits import DEFAULT_MAX_PROMPT_LENGTH, DEFAULT_MAX_UPLOAD_BYTES
 
 
 def main() -> None:
@@ -19,7 +20,21 @@ def main() -> None:
     parser.add_argument(
         "--private-reads", action="store_true", help="require a token for reads too"
     )
+    parser.add_argument(
+        "--public-status",
+        action="store_true",
+        help="with --private-reads, still show entry counts on /healthz and /metrics to anyone",
+    )
+    parser.add_argument(
+        "--read-only", action="store_true", help="serve reads only (automatic if not writable)"
+    )
     parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
+    parser.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_LENGTH,
+        help="longest prompt (L) a publish or query may hold",
+    )
     parser.add_argument(
         "--index",
         choices=KINDS,
@@ -35,7 +50,10 @@ def main() -> None:
         tokens_file=args.tokens_file,
         open_reads=not args.private_reads,
         max_upload_bytes=args.max_upload_bytes,
+        max_prompt_length=args.max_prompt_length,
         index_kind=args.index,
+        read_only=args.read_only,
+        public_status=args.public_status,
         log_level=args.log_level,
     )
 

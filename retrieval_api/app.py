@@ -1,8 +1,10 @@
 """The retrieval service: a FastAPI app over one prompt library (`library.Library`).
 
 Writes (publish, delete) need a bearer token; reads too unless `open_reads`. Every error is a
-JSON body `{"error": message}`: 4xx for anything wrong with the request, 5xx only for damage
-on the server side (a missing or altered prompt file).
+JSON body `{"error": message}` on a connection that stays open: 4xx for anything wrong with the
+request, 403 for a write to a read-only library, 503 (with Retry-After) when the library stays
+busy, 507 when its disk is full, 500 for damage on the server side. Tokens are checked before a
+body is read, and a query body is bounded by what the library can answer (`limits.Limits`).
 """
 
 # No `from __future__ import annotations`: FastAPI must evaluate the closures' annotations,
@@ -10,52 +12,109 @@ on the server side (a missing or altered prompt file).
 import base64
 import binascii
 import json
+import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import uvicorn
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException
 
-from library import EntryNotFound, IndexKind, Library, LibraryCorrupt, LibraryError, decode_prompt
+from library import (
+    EntryNotFound,
+    IndexKind,
+    Library,
+    LibraryCorrupt,
+    LibraryError,
+    Published,
+    decode_prompt,
+)
+from library.locks import LockTimeout
+from library.protocol import KeyProtocol, ProtocolMismatch, check_start, start_bytes
 from retrieval_api.auth import load_tokens, token_ok
 from retrieval_api.batcher import QueryBatcher
-from retrieval_api.body_limit import BodyLimitMiddleware
+from retrieval_api.body_limit import BodyLimitMiddleware, lower_body_limit
+from retrieval_api.failures import READ_ONLY, FailureMiddleware, busy
+from retrieval_api.limits import DEFAULT_MAX_PROMPT_LENGTH, DEFAULT_MAX_UPLOAD_BYTES, Limits
 from retrieval_api.metrics import Metrics, MetricsMiddleware
 from retrieval_api.schemas import (
     MAX_PAGE,
+    BackboneList,
     DeleteOut,
     EntryList,
     EntryOut,
     ErrorOut,
     Health,
+    ProtocolIn,
+    ProtocolList,
+    ProtocolOut,
     PublishOut,
     QueryJSON,
     QueryOptions,
     QueryOut,
 )
 
-DEFAULT_MAX_UPLOAD_BYTES = 64 * 2**20
+LOG = logging.getLogger("retrieval_api")
+NO_PROTOCOL_WARNING = (
+    "the keys of this backbone record no key protocol: similarities compare however each key "
+    "was made"
+)
+BACKBONES_TTL_SECONDS = 1.0
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": text}
     for status, text in (
         (400, "Malformed prompt, metadata or query"),
         (401, "Missing or invalid bearer token"),
+        (403, "The library is served read-only"),
         (404, "No such entry"),
+        (409, "A key protocol other than the library's for that backbone and recipe"),
         (413, "Request body too large"),
         (415, "Unsupported content type"),
         (422, "Request does not match the schema"),
         (500, "Library damaged on the server"),
+        (503, "Library busy: retry after Retry-After seconds"),
+        (507, "The library's disk is full"),
     )
+}
+_PUBLISH_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["key"],
+                "properties": {
+                    "key": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "key prompt file (early checkpoint)",
+                    },
+                    "value": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "value prompt file (best checkpoint)",
+                    },
+                    "metadata": {
+                        "type": "string",
+                        "description": 'JSON object, e.g. {"task": "rte", "backbone": "..."}',
+                    },
+                },
+            }
+        }
+    },
 }
 _QUERY_BODY = {
     "required": True,
@@ -102,43 +161,119 @@ def _json_object(text: str | None, what: str) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # also integers of over 4300 digits
         raise LibraryError(f"{what} is not valid JSON: {err}") from None
     if not isinstance(value, dict):
         raise LibraryError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _prompt_file(upload: Any, what: str) -> tuple[np.ndarray, dict[str, str]]:
+def _prompt_file(upload: Any, what: str, limits: Limits) -> tuple[np.ndarray, dict[str, str]]:
+    """An uploaded prompt file, decoded and checked against the limits (runs off the loop)."""
     if not isinstance(upload, StarletteUploadFile):
         raise LibraryError(f"{what} must be an uploaded prompt file")
     try:
-        return decode_prompt(upload.file.read())
+        array, metadata = decode_prompt(upload.file.read())
     except LibraryError as err:
         raise LibraryError(f"{what}: {err}") from None
+    limits.check_length(array.shape[0], what)
+    limits.check_metadata(metadata, f"{what} metadata")
+    return array, metadata
 
 
-def _json_prompt(request: QueryJSON) -> np.ndarray:
+def _check_width(width: int, d_model: int, backbone: str) -> None:
+    if width != d_model:
+        raise LibraryError(f"query prompt has d_model {width}, backbone {backbone!r} has {d_model}")
+
+
+def _json_prompt(request: QueryJSON, d_model: int, limits: Limits) -> np.ndarray:
+    """The query prompt of a JSON body, its shape checked before it is converted."""
     if (request.prompt is None) == (request.prompt_base64 is None):
         raise LibraryError(
             "give exactly one of 'prompt' (nested lists) or 'prompt_base64' (with 'shape')"
         )
     if request.prompt is not None:
-        if len({len(row) for row in request.prompt}) > 1:
+        limits.check_length(len(request.prompt), "query prompt")
+        widths = {len(row) for row in request.prompt}
+        if len(widths) > 1:
             raise LibraryError("prompt rows must all have the same length (d_model)")
+        _check_width(widths.pop(), d_model, request.backbone)
         return np.array(request.prompt, dtype=np.float64)
     if request.shape is None:
         raise LibraryError("'prompt_base64' needs 'shape': [length, d_model]")
+    length, width = request.shape
+    limits.check_length(length, "query prompt")
+    _check_width(width, d_model, request.backbone)
     try:
         data = base64.b64decode(request.prompt_base64, validate=True)
     except (binascii.Error, ValueError) as err:
         raise LibraryError(f"prompt_base64 is not valid base64: {err}") from None
-    length, d_model = request.shape
-    if length < 1 or d_model < 1 or len(data) != length * d_model * 4:
+    if len(data) != length * width * 4:
         raise LibraryError(
-            f"prompt_base64 holds {len(data)} bytes, shape {request.shape} needs {max(length * d_model * 4, 0)} (float32)"
+            f"prompt_base64 holds {len(data)} bytes, shape {request.shape} needs "
+            f"{length * width * 4} (float32)"
         )
-    return np.frombuffer(data, dtype="<f4").reshape(length, d_model)
+    return np.frombuffer(data, dtype="<f4").reshape(length, width)
+
+
+def _publish(library: Library, form: FormData, limits: Limits) -> Published:
+    """Decode, check and publish the prompt files of a publish form (runs off the loop)."""
+    text = form.get("metadata")
+    if text is not None and not isinstance(text, str):
+        raise LibraryError("metadata must be a form field, not a file")
+    common = _json_object(text, "metadata")
+    limits.check_metadata(common, "metadata")
+    key = _prompt_file(form.get("key"), "key", limits)
+    value = form.get("value")
+    value_prompt = None if value is None else _prompt_file(value, "value", limits)
+    for _, metadata in [key] + ([] if value_prompt is None else [value_prompt]):
+        limits.check_metadata({**metadata, **common}, "merged metadata")
+    return library.publish(key, value_prompt, common)
+
+
+def _scrubber(root: Path) -> Callable[[str], str]:
+    """Removes the library's absolute location from messages (paths become library-relative)."""
+    prefixes = sorted({f"{root}{os.sep}", f"{root.resolve()}{os.sep}"}, key=len, reverse=True)
+
+    def scrub(message: str) -> str:
+        for prefix in prefixes:
+            message = message.replace(prefix, "")
+        return message
+
+    return scrub
+
+
+def _writable(root: Path) -> bool:
+    """Whether this process may write the library at `root` (or create it)."""
+    manifest = root / "manifest.sqlite"
+    if not root.exists():
+        return True
+    return os.access(root, os.W_OK) and (not manifest.exists() or os.access(manifest, os.W_OK))
+
+
+class KnownBackbones:
+    """The library's backbones and their d_model, re-read at most once per `ttl` seconds."""
+
+    def __init__(self, library: Library, ttl: float = BACKBONES_TTL_SECONDS) -> None:
+        self.library, self.ttl = library, ttl
+        self._known: dict[str, int] = {}
+        self._read_at = -float("inf")
+
+    async def get(self, *, fresh: bool = False) -> dict[str, int]:
+        if fresh or time.monotonic() - self._read_at > self.ttl:
+            self._known = await run_in_threadpool(self.library.backbones)
+            self._read_at = time.monotonic()
+        return self._known
+
+    async def d_model(self, backbone: str, *, list_known: bool) -> int:
+        """The backbone's d_model; LibraryError naming the known ones (if `list_known`) if none."""
+        known = await self.get()
+        if backbone not in known:
+            known = await self.get(fresh=True)
+        if backbone not in known:
+            listing = f"; this library has {sorted(known)}" if list_known else ""
+            raise LibraryError(f"unknown backbone {backbone!r}{listing}")
+        return known[backbone]
 
 
 def create_app(
@@ -147,17 +282,29 @@ def create_app(
     tokens: Iterable[str] | None = None,
     open_reads: bool = True,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     index_kind: IndexKind = "flat",
+    read_only: bool = False,
+    public_status: bool = False,
 ) -> FastAPI:
-    """The API over the library at `library_dir` (created if absent).
+    """The API over the library at `library_dir` (created if absent, unless read-only).
 
     `tokens` are the accepted bearer tokens; None reads them from SPOT_API_TOKENS. With no
-    tokens at all, writes are refused. `open_reads=False` requires a token for reads too.
+    tokens at all, writes are refused. `open_reads=False` requires a token for reads too, and
+    then /healthz says only "ok" and /metrics needs a token, unless `public_status`.
+    `read_only` (automatic when the library is not writable) refuses publish and delete.
     """
     allowed = frozenset(tokens) if tokens is not None else load_tokens()
-    library = Library(library_dir, index_kind=index_kind)
+    if not read_only and not _writable(Path(library_dir)):
+        LOG.warning("%s is not writable: serving it read-only", library_dir)
+        read_only = True
+    library = Library(library_dir, index_kind=index_kind, read_only=read_only)
+    limits = Limits(max_upload_bytes=max_upload_bytes, max_prompt_length=max_prompt_length)
+    show_status = open_reads or public_status
+    scrub = _scrubber(library.root)
     metrics = Metrics()
     batcher = QueryBatcher(library)
+    known = KnownBackbones(library)
     bearer = HTTPBearer(
         auto_error=False, description="a token from SPOT_API_TOKENS or the token file"
     )
@@ -174,6 +321,7 @@ def create_app(
         responses=ERRORS,
         lifespan=lifespan,
     )
+    app.add_middleware(FailureMiddleware)  # innermost: metrics count its answers
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also counts 413s
     app.state.library = library
@@ -195,17 +343,32 @@ def create_app(
     writer = [Depends(require_token)]
     reader = [] if open_reads else writer  # open reads declare no security in the schema either
 
+    def writable() -> None:
+        if read_only:
+            raise HTTPException(403, READ_ONLY)
+
+    writes = [*writer, Depends(writable)]
+
     @app.exception_handler(EntryNotFound)
     async def not_found(_: Request, exc: EntryNotFound) -> JSONResponse:
-        return _error(404, str(exc))
+        return _error(404, scrub(str(exc)))
 
     @app.exception_handler(LibraryCorrupt)
     async def corrupt(_: Request, exc: LibraryCorrupt) -> JSONResponse:
-        return _error(500, str(exc))
+        LOG.error("library damaged: %s", exc)
+        return _error(500, scrub(str(exc)))
+
+    @app.exception_handler(LockTimeout)
+    async def locked(_: Request, exc: LockTimeout) -> JSONResponse:
+        return busy(exc)
+
+    @app.exception_handler(ProtocolMismatch)
+    async def other_protocol(_: Request, exc: ProtocolMismatch) -> JSONResponse:
+        return _error(409, scrub(str(exc)))
 
     @app.exception_handler(LibraryError)
     async def bad_input(_: Request, exc: LibraryError) -> JSONResponse:
-        return _error(400, str(exc))
+        return _error(400, scrub(str(exc)))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -225,24 +388,20 @@ def create_app(
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_error(exc.errors())
 
-    @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(exc).__name__}")
-
-    @app.post("/v1/prompts", response_model=PublishOut, dependencies=writer, tags=["prompts"])
-    def publish(
-        key: Annotated[UploadFile, File(description="key prompt file (early checkpoint)")],
-        value: Annotated[
-            UploadFile | None, File(description="value prompt file (best checkpoint)")
-        ] = None,
-        metadata: Annotated[
-            str | None, Form(description='JSON object, e.g. {"task": "rte", "backbone": "..."}')
-        ] = None,
-    ) -> PublishOut:
+    @app.post(
+        "/v1/prompts",
+        response_model=PublishOut,
+        dependencies=writes,
+        tags=["prompts"],
+        openapi_extra={"requestBody": _PUBLISH_BODY},
+    )
+    async def publish(request: Request) -> PublishOut:
         """Publish a source task's key and value prompts (idempotent: same files, same ids)."""
-        common = _json_object(metadata, "metadata")
-        value_prompt = None if value is None else _prompt_file(value, "value")
-        published = library.publish(_prompt_file(key, "key"), value_prompt, common)
+        form = await request.form(max_files=2, max_fields=1)
+        if form.get("key") is None:
+            missing = {"loc": ("body", "key"), "msg": "Field required", "type": "missing"}
+            raise RequestValidationError([missing])
+        published = await run_in_threadpool(_publish, library, form, limits)
         return PublishOut(key=published.key, value=published.value)
 
     @app.get("/v1/prompts", response_model=EntryList, dependencies=reader, tags=["prompts"])
@@ -285,7 +444,7 @@ def create_app(
         return Response(data, media_type="application/octet-stream", headers=headers)
 
     @app.delete(
-        "/v1/prompts/{entry_id}", response_model=DeleteOut, dependencies=writer, tags=["prompts"]
+        "/v1/prompts/{entry_id}", response_model=DeleteOut, dependencies=writes, tags=["prompts"]
     )
     def delete(entry_id: str) -> DeleteOut:
         """Delete an entry together with its key/value pair."""
@@ -299,41 +458,115 @@ def create_app(
         openapi_extra={"requestBody": _QUERY_BODY},
     )
     async def query(request: Request) -> QueryOut:
-        """Top-k keys most similar to a query prompt (JSON lists/base64, or a prompt-file upload)."""
+        """Top-k keys most similar to a query prompt (JSON lists/base64, or a prompt-file upload).
+
+        The body may hold at most `max_prompt_length` rows of the widest backbone's d_model;
+        it is parsed and checked off the event loop.
+        """
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        widest = max((await known.get()).values(), default=0)
+        lower_body_limit(request, limits.query_bytes(widest))
         try:
             if content_type == "multipart/form-data":
-                form = await request.form()
-                array, meta = _prompt_file(form.get("prompt"), "prompt")
-                fields = {
-                    name: form.get(name)
-                    for name in ("backbone", "metric", "k")
-                    if form.get(name) is not None
-                }
-                fields.setdefault("backbone", meta.get("backbone", ""))
-                options = QueryOptions.model_validate(fields)
+                array, options = await upload_query(request)
             elif content_type in ("application/json", ""):
-                body = QueryJSON.model_validate_json(await request.body())
-                array, options = _json_prompt(body), body
+                body = await run_in_threadpool(QueryJSON.model_validate_json, await request.body())
+                d_model = await known.d_model(body.backbone, list_known=show_status)
+                array = await run_in_threadpool(_json_prompt, body, d_model, limits)
+                options = body
             else:
                 raise HTTPException(
                     415, f"send application/json or multipart/form-data, not {content_type!r}"
                 )
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
-        matches = await batcher.query(array, options.backbone, options.metric, options.k)
+        protocol = await run_in_threadpool(
+            library.resolve_protocol, options.backbone, options.recipe
+        )
+        matches = await batcher.query(
+            array, options.backbone, options.metric, options.k, options.recipe
+        )
         found = [
             {"entry": EntryOut(**m.entry.to_dict()), "similarity": m.similarity} for m in matches
         ]
         return QueryOut(
-            backbone=options.backbone, metric=options.metric, k=options.k, matches=found
+            backbone=options.backbone, metric=options.metric, k=options.k, matches=found,
+            protocol=None if protocol is None else protocol.id,
+            warning=NO_PROTOCOL_WARNING if protocol is None else None,
         )
 
-    @app.get("/healthz", response_model=Health, tags=["service"])
+    async def upload_query(request: Request) -> tuple[np.ndarray, QueryOptions]:
+        form = await request.form(max_files=1, max_fields=4)
+        array, meta = await run_in_threadpool(_prompt_file, form.get("prompt"), "prompt", limits)
+        fields = {
+            name: form.get(name)
+            for name in ("backbone", "metric", "k", "recipe")
+            if form.get(name) is not None
+        }
+        fields.setdefault("backbone", meta.get("backbone", ""))
+        options = QueryOptions.model_validate(fields)
+        d_model = await known.d_model(options.backbone, list_known=show_status)
+        _check_width(array.shape[1], d_model, options.backbone)
+        return array, options
+
+    @app.get("/v1/protocols", response_model=ProtocolList, dependencies=reader, tags=["protocols"])
+    def list_protocols(backbone: str | None = None) -> ProtocolList:
+        """The key protocols (how each backbone's keys are made), with each backbone's default."""
+        return ProtocolList(protocols=[
+            ProtocolOut(id=p.id, default=default, protocol=json.loads(p.to_json()))
+            for p, default in library.protocols(backbone)
+        ])
+
+    @app.get(
+        "/v1/protocols/{protocol_id}/start",
+        dependencies=reader,
+        tags=["protocols"],
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}},
+                         "description": "the protocol's start prompt file"}},
+    )
+    def protocol_start(protocol_id: str) -> Response:
+        """The start prompt file every key of the protocol begins from."""
+        found = [p for p, _ in library.protocols() if p.id == protocol_id]
+        if not found:
+            raise EntryNotFound(f"no key protocol {protocol_id!r}")
+        data = start_bytes(library.protocol_start(found[0]), found[0].backbone)
+        return Response(data, media_type="application/octet-stream")
+
+    @app.post(
+        "/v1/protocols", response_model=ProtocolOut, dependencies=writes, tags=["protocols"]
+    )
+    def register_protocol(body: ProtocolIn) -> ProtocolOut:
+        """Register how keys of a backbone and recipe are made (idempotent; 409 if the library
+        holds another protocol for them)."""
+        protocol = KeyProtocol.from_json(body.protocol)
+        try:
+            data = base64.b64decode(body.start_base64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise LibraryError(f"start_base64 is not base64: {err}") from None
+        library.register_protocol(protocol, check_start(protocol, data), default=body.default)
+        default = any(d for p, d in library.protocols(protocol.backbone) if p.id == protocol.id)
+        return ProtocolOut(id=protocol.id, default=default,
+                           protocol=json.loads(protocol.to_json()))
+
+    @app.get("/v1/backbones", response_model=BackboneList, dependencies=reader, tags=["prompts"])
+    def backbones() -> BackboneList:
+        """Every backbone identity in the library, with its d_model."""
+        return BackboneList(backbones=library.backbones())
+
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, tags=["service"])
     def healthz() -> Health:
+        """Liveness; with open reads (or `public_status`) also the entry count and backbones."""
+        if not show_status:
+            return Health(status="ok")
         return Health(status="ok", entries=library.count(), backbones=library.backbones())
 
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        dependencies=[] if show_status else writer,
+        tags=["service"],
+    )
     def prometheus() -> str:
         """Prometheus metrics: requests by route and status, latency histograms, entries."""
         entries = {role: library.count(role=role) for role in ("key", "value")}
@@ -350,7 +583,10 @@ def run(
     tokens_file: str | os.PathLike[str] | None = None,
     open_reads: bool = True,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     index_kind: IndexKind = "flat",
+    read_only: bool = False,
+    public_status: bool = False,
     log_level: str = "info",
 ) -> None:
     """Serve the library with uvicorn (tokens from `tokens_file`, else SPOT_API_TOKENS)."""
@@ -360,6 +596,9 @@ def run(
         tokens=tokens,
         open_reads=open_reads,
         max_upload_bytes=max_upload_bytes,
+        max_prompt_length=max_prompt_length,
         index_kind=index_kind,
+        read_only=read_only,
+        public_status=public_status,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -10,12 +10,12 @@ from starlette.concurrency import run_in_threadpool
 
 from library import Library, LibraryError, Match
 
-Key = tuple[str, str, int]  # (backbone, metric, k)
+Key = tuple[str, str, int, str | None]  # (backbone, metric, k, recipe)
 Pending = tuple[Any, "asyncio.Future[list[Match]]"]
 
 
 class QueryBatcher:
-    """Queues queries per (backbone, metric, k); while one batch is searched the next gathers.
+    """Queues queries per (backbone, metric, k, recipe); while one batch is searched the next gathers.
 
     No timers: a lone query runs at once, so batching only adds latency under load. A batch
     that fails on bad input is retried query by query, so each caller gets its own error.
@@ -26,8 +26,10 @@ class QueryBatcher:
         self._pending: dict[Key, list[Pending]] = {}
         self._drains: dict[Key, asyncio.Task[None]] = {}
 
-    async def query(self, prompt: Any, backbone: str, metric: str, k: int) -> list[Match]:
-        key = (backbone, metric, k)
+    async def query(
+        self, prompt: Any, backbone: str, metric: str, k: int, recipe: str | None = None
+    ) -> list[Match]:
+        key = (backbone, metric, k, recipe)
         future: asyncio.Future[list[Match]] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(key, []).append((prompt, future))
         if key not in self._drains:
@@ -45,10 +47,11 @@ class QueryBatcher:
             del self._drains[key]
 
     async def _search(self, key: Key, batch: list[Pending]) -> None:
-        backbone, metric, k = key
+        backbone, metric, k, recipe = key
         try:
             results = await run_in_threadpool(
-                self.library.query_many, [prompt for prompt, _ in batch], backbone, metric, k
+                self.library.query_many, [prompt for prompt, _ in batch], backbone, metric, k,
+                recipe,
             )
         except LibraryError as err:
             if len(batch) > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import numpy as np
 from library import (
     Entry,
     EntryNotFound,
+    KeyProtocol,
     LibraryError,
     Match,
+    NoProtocolWarning,
     Published,
     check_prompt,
     decode_prompt,
@@ -25,6 +28,7 @@ from library import (
 )
 from library.atomic import atomic_write
 from library.prompt_file import Metadata, metadata_strings
+from library.protocol import ProtocolMismatch, check_start, start_bytes
 from library.store import PromptLike, as_prompt
 
 
@@ -62,6 +66,8 @@ class RetrievalClient:
             message = response.text or response.reason_phrase
         if response.status_code == 404:
             raise EntryNotFound(message)
+        if response.status_code == 409:
+            raise ProtocolMismatch(message)
         raise ApiError(response.status_code, message)
 
     @staticmethod
@@ -128,7 +134,7 @@ class RetrievalClient:
 
     def backbones(self) -> dict[str, int]:
         """Every backbone identity in the library, with its d_model."""
-        return self._request("GET", "/healthz").json()["backbones"]
+        return self._request("GET", "/v1/backbones").json()["backbones"]
 
     def read_bytes(self, entry_id: str) -> bytes:
         """The entry's prompt file bytes (the server checks them against the manifest)."""
@@ -146,7 +152,10 @@ class RetrievalClient:
         """Delete an entry and its pair; returns the removed ids."""
         return self._request("DELETE", self._entry_url(entry_id)).json()["deleted"]
 
-    def query(self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10) -> list[Match]:
+    def query(
+        self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10,
+        recipe: str | None = None,
+    ) -> list[Match]:
         """The `k` most similar keys; see `Library.query`."""
         array = check_prompt(prompt)
         body = {
@@ -155,6 +164,51 @@ class RetrievalClient:
             "backbone": backbone,
             "metric": metric,
             "k": k,
+            "recipe": recipe,
         }
-        matches = self._request("POST", "/v1/query", json=body).json()["matches"]
-        return [Match(Entry(**m["entry"]), m["similarity"]) for m in matches]
+        answer = self._request("POST", "/v1/query", json=body).json()
+        if answer.get("warning"):
+            warnings.warn(answer["warning"], NoProtocolWarning, stacklevel=2)
+        return [Match(Entry(**m["entry"]), m["similarity"]) for m in answer["matches"]]
+
+    def protocols(self, backbone: str | None = None) -> list[tuple[KeyProtocol, bool]]:
+        """The service library's key protocols; see `Library.protocols`."""
+        params = {} if backbone is None else {"backbone": backbone}
+        body = self._request("GET", "/v1/protocols", params=params).json()
+        return [(KeyProtocol.from_json(p["protocol"]), p["default"]) for p in body["protocols"]]
+
+    def resolve_protocol(self, backbone: str, recipe: str | None = None) -> KeyProtocol | None:
+        """The protocol a query follows; see `Library.resolve_protocol`."""
+        held = self.protocols(backbone)
+        if recipe is None:
+            return next((p for p, default in held if default), None)
+        found = [p for p, _ in held if p.recipe == recipe]
+        if not found:
+            raise LibraryError(
+                f"the service's library has no {recipe!r} key protocol for backbone {backbone}"
+            )
+        return found[0]
+
+    def protocol_start(self, protocol: KeyProtocol) -> np.ndarray:
+        """The protocol's start prompt, checked against the protocol's hash."""
+        url = f"/v1/protocols/{quote(protocol.id, safe='')}/start"
+        return check_start(protocol, self._request("GET", url).content)
+
+    def protocol(
+        self, backbone: str, recipe: str | None = None
+    ) -> tuple[KeyProtocol, np.ndarray] | None:
+        """The protocol a query follows and its start prompt; see `Library.protocol`."""
+        protocol = self.resolve_protocol(backbone, recipe)
+        return None if protocol is None else (protocol, self.protocol_start(protocol))
+
+    def register_protocol(
+        self, protocol: KeyProtocol, start: Any, *, default: bool = False
+    ) -> KeyProtocol:
+        """Register a key protocol with its start prompt; see `Library.register_protocol`."""
+        body = {
+            "protocol": json.loads(protocol.to_json()),
+            "start_base64": base64.b64encode(start_bytes(start, protocol.backbone)).decode(),
+            "default": default,
+        }
+        self._request("POST", "/v1/protocols", json=body)
+        return protocol

@@ -26,6 +26,7 @@ class EntryOut(BaseModel):
     sha256: str
     pair: str | None
     extra: dict[str, str]
+    protocol: str | None = None  # a key's key protocol id
 
 
 class EntryList(BaseModel):
@@ -54,11 +55,35 @@ class QueryOut(BaseModel):
     metric: str
     k: int
     matches: list[MatchOut]
+    protocol: str | None = Field(None, description="id of the key protocol searched")
+    warning: str | None = None
+
+
+class ProtocolOut(BaseModel):
+    id: str
+    default: bool
+    protocol: dict[str, str | int | float]
+
+
+class ProtocolList(BaseModel):
+    protocols: list[ProtocolOut]
+
+
+class ProtocolIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    protocol: dict[str, str | int | float] = Field(description="the KeyProtocol's fields")
+    start_base64: str = Field(max_length=2**24, description="the start prompt file, base64")
+    default: bool = False
 
 
 class Health(BaseModel):
     status: str
-    entries: int
+    entries: int | None = None  # None (left out) when reads are private
+    backbones: dict[str, int] | None = None
+
+
+class BackboneList(BaseModel):
     backbones: dict[str, int]
 
 
@@ -71,8 +96,11 @@ class QueryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = Field(min_length=1, description="backbone identity the keys were trained on")
-    metric: Literal["mean", "token"] = "mean"
+    metric: Literal["mean", "token", "flat", "delta-mean", "delta-token", "delta-flat"] = "mean"
     k: int = Field(10, ge=1, le=MAX_K)
+    recipe: Literal["trained", "gradient"] | None = Field(
+        None, description="key protocol recipe to search (default: the backbone's default)"
+    )
 
 
 class QueryJSON(QueryOptions):

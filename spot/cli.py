@@ -1,17 +1,34 @@
-"""`spot` command line: the only place that wires backbones, tasks, training and storage."""
+"""`spot` command line: the only place that wires backbones, tasks, training and storage.
+
+Every command checks its arguments, files and library before loading a backbone, and reports
+a user error (bad input, missing file or library, unreachable service) as one line, exit 2.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from spot.train import TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPoT: soft prompt transfer.")
 console = Console()
+
+# What a user can cause: bad arguments or data (ValueError: TaskError, LibraryError, ...),
+# missing files, an unreachable service, a diverging run. Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, httpx.HTTPError, TrainingError)
+F = TypeVar("F", bound=Callable[..., Any])
 
 Backbone = Annotated[str, typer.Option(help="registered name or checkpoint directory")]
 # for commands that also read a config file: None keeps the file's backbone
@@ -20,9 +37,102 @@ ConfigBackbone = Annotated[str | None, typer.Option(
 ConfigFile = Annotated[Path | None, typer.Option(help="JSON TrainConfig; flags override it")]
 
 
+TASK_HELP = ("registered task name; a .jsonl/.csv/.tsv file (with --labels, --template, "
+             "--label-field); or a .json task spec {data, labels, template, label_field, ...}")
+TaskName = Annotated[str, typer.Option(help=TASK_HELP)]
+Labels = Annotated[str | None, typer.Option(
+    help="a task file's label values, comma-separated, in choice order (e.g. neg,pos)")]
+Template = Annotated[str, typer.Option(help="a task file's prompt: str.format over its fields")]
+LabelField = Annotated[str, typer.Option(help="a task file's label column (or JSON field)")]
+DEFAULT_TEMPLATE = "{text}\nAnswer:"
+SPEC_KEYS = ("data", "labels", "template", "label_field", "choices", "name", "metrics")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskArgs:
+    """How a task option is read: --labels, --template and --label-field for a data file."""
+
+    labels: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    label_field: str = "label"
+
+
+def _task_spec(path: Path):
+    """A task from a JSON spec; its data paths are relative to the spec's folder."""
+    from spot.tasks import task_from_file
+
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: task spec is not JSON: {error}") from None
+    if not isinstance(spec, dict) or "data" not in spec or "labels" not in spec:
+        raise ValueError(f"{path}: a task spec is a JSON object with at least data and labels")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown task spec keys {unknown} (known: {list(SPEC_KEYS)})")
+    data = spec.pop("data")
+    data = ({split: path.parent / f for split, f in data.items()} if isinstance(data, dict)
+            else path.parent / data)
+    return task_from_file(data, **{"name": path.stem, "template": DEFAULT_TEMPLATE, **spec})
+
+
+def _task(name: str, args: TaskArgs = TaskArgs()):
+    """A registered task, a task over the user's data file (named by the file's stem) or a JSON
+    task spec; its data is read now, so bad rows fail before any model is loaded."""
+    from spot.tasks import get_task, list_tasks, task_from_file
+    from spot.tasks.user import SUFFIXES
+
+    path = Path(name)
+    suffix = path.suffix.lower()
+    if suffix not in (*SUFFIXES, ".json"):
+        task = get_task(name)
+    else:
+        if not path.is_file():
+            raise ValueError(f"task file {name} not found")
+        if suffix == ".json":
+            task = _task_spec(path)
+        elif not args.labels:
+            raise ValueError(f"{name} is a task file: give its label values with --labels a,b,...")
+        else:
+            task = task_from_file(path, name=path.stem, labels=[v.strip() for v in args.labels.split(",")],
+                                  template=args.template, label_field=args.label_field)
+        if task.name in list_tasks():
+            raise ValueError(f"task file {name} is named {task.name!r}, a registered task: rename "
+                             "the file (or set \"name\" in a task spec)")
+    task.load_all()
+    return task
+
+
 def _fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _user_errors(command: F) -> F:
+    """The command reports USER_ERRORS as one line and exit status 2, never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as error:
+            _fail(error)
+
+    return run  # type: ignore[return-value]
+
+
+def _command(name: str | None = None, parent: typer.Typer = app) -> Callable[[F], F]:
+    """Register a command of `parent` that reports user errors without a traceback."""
+    return lambda command: parent.command(name)(_user_errors(command))
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="also show data-cleaning warnings (dropped malformed rows)")] = False,
+) -> None:
+    """SPoT: soft prompt transfer."""
+    logging.getLogger("spot.tasks").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _train_config(config: Path | None, defaults: dict, **flags):
@@ -35,7 +145,30 @@ def _train_config(config: Path | None, defaults: dict, **flags):
     return TrainConfig(**{**defaults, **given})
 
 
-@app.command()
+def _config_task(config, args: TaskArgs):
+    """(the config with its task's resolved name, the task) for a config whose task may be a file."""
+    task = _task(config.task, args)
+    return dataclasses.replace(config, task=task.name), task
+
+
+def _read_prompt(path: Path) -> None:
+    """Refuse an unreadable prompt file or PEFT directory before any backbone is loaded."""
+    from spot.prompts import read_prompt
+
+    read_prompt(path)
+
+
+def _print_json(value: Any) -> None:
+    """One line of JSON (not wrapped, no markup), for scripts to read."""
+    console.print(json.dumps(value), soft_wrap=True, markup=False, highlight=False)
+
+
+def _show(value: Any, fmt: str = "") -> str:
+    """A table cell: None as an en dash."""
+    return "–" if value is None else format(value, fmt)
+
+
+@_command()
 def tasks() -> None:
     """List the registered tasks."""
     from spot.tasks import get_task, list_tasks
@@ -47,14 +180,14 @@ def tasks() -> None:
     console.print(table)
 
 
-@app.command()
+@_command()
 def train(
-    task: Annotated[str | None, typer.Option(help="registered task name")] = None,
+    task: Annotated[str | None, typer.Option(help=TASK_HELP)] = None,
     out: Annotated[Path, typer.Option(help="run directory (resumes if it exists)")] = Path("runs/train"),
     backbone: ConfigBackbone = None,
     config: ConfigFile = None,
     steps: int | None = None,
-    key_step: int | None = None,
+    key_step: Annotated[int | None, typer.Option(help="default: steps // 6 (at least 1)")] = None,
     eval_every: int | None = None,
     eval_examples: int | None = None,
     batch_size: int | None = None,
@@ -74,10 +207,15 @@ def train(
              "validation use the average (default 0: the prompt itself)")] = None,
     balance_classes: Annotated[bool | None, typer.Option(
         help="batches take the classes in turn (equal shares) instead of uniform sampling")] = None,
+    patience: Annotated[int | None, typer.Option(
+        help="stop after this many evaluations without a better validation score (0: never)")
+    ] = None,
+    labels: Labels = None,
+    template: Template = DEFAULT_TEMPLATE,
+    label_field: LabelField = "label",
 ) -> None:
     """Prompt-tune a task; writes key (early) and value (best) prompts into OUT."""
     from spot import backbones
-    from spot.tasks import get_task
     from spot.train import train as run_training
 
     overrides = dict(task=task, backbone=backbone, steps=steps, key_step=key_step,
@@ -86,29 +224,30 @@ def train(
                      learning_rate=learning_rate, max_length=max_length, seed=seed,
                      objective=objective, schedule=schedule,
                      reparameterization=reparameterization, prompt_ema=prompt_ema,
-                     balance_classes=balance_classes)
-    try:
-        if config is None and task is None:
-            raise ValueError("--task or --config is required")
-        defaults = {"key_step": max(1, steps // 6)} if steps is not None else {}
-        cfg = _train_config(config, defaults, **overrides)
-        model = backbones.load(cfg.backbone)
-        result = run_training(model, get_task(cfg.task), cfg, out)
-    except (ValueError, KeyError, OSError) as error:
-        _fail(error)
+                     balance_classes=balance_classes, patience=patience)
+    if config is None and task is None:
+        raise ValueError("--task or --config is required")
+    cfg, target = _config_task(_train_config(config, {}, **overrides),
+                               TaskArgs(labels, template, label_field))
+    model = backbones.load(cfg.backbone)
+    result = run_training(model, target, cfg, out)
     console.print(f"value: step {result.value_step}, validation {result.metric} "
                   f"{result.value_score:.2f} -> {out / 'value.safetensors'}")
     console.print(f"key: step {cfg.key_step} -> {out / 'key.safetensors'}")
 
 
-@app.command("eval")
+@_command("eval")
 def evaluate(
-    task: Annotated[str, typer.Option(help="registered task name")],
-    prompt: Annotated[Path | None, typer.Option(help="prompt file (omit for zero-shot)")] = None,
+    task: TaskName,
+    prompt: Annotated[Path | None, typer.Option(
+        help="prompt file or PEFT adapter directory (omit for zero-shot)")] = None,
     backbone: Backbone = "smollm2-135m",
-    split: str = "test",
+    split: Annotated[str, typer.Option(help="train | validation | test")] = "test",
     limit: Annotated[int | None, typer.Option(help="first N of a fixed sample")] = None,
     max_length: int = 128,
+    labels: Labels = None,
+    template: Template = DEFAULT_TEMPLATE,
+    label_field: LabelField = "label",
 ) -> None:
     """Score a prompt (or none: zero-shot) on a task split."""
     import numpy as np
@@ -116,17 +255,20 @@ def evaluate(
     from spot import backbones
     from spot.evaluation import evaluate as run_eval
     from spot.prompts import load_for_backbone
-    from spot.tasks import get_task
+    from spot.tasks import SPLITS
 
-    try:
-        model = backbones.load(backbone)
-        soft = np.zeros((0, model.d_model), np.float32)
-        if prompt is not None:
-            soft, _ = load_for_backbone(prompt, model)
-        scores = run_eval(model, soft, get_task(task), split, limit=limit, max_length=max_length)
-    except (ValueError, KeyError, OSError) as error:
-        _fail(error)
-    console.print(json.dumps({"task": task, "split": split, "prompt": str(prompt), **scores}))
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+    target = _task(task, TaskArgs(labels, template, label_field))
+    if prompt is not None:
+        _read_prompt(prompt)
+    model = backbones.load(backbone)
+    soft = np.zeros((0, model.d_model), np.float32)
+    if prompt is not None:
+        soft, _ = load_for_backbone(prompt, model)
+    scores = run_eval(model, soft, target, split, limit=limit, max_length=max_length,
+                      show_progress=True)
+    _print_json({"task": target.name, "split": split, "prompt": str(prompt), **scores})
 
 
 library_app = typer.Typer(no_args_is_help=True, help="Inspect and repair a local prompt library.")
@@ -137,8 +279,10 @@ Remote = Annotated[str | None, typer.Option(help="retrieval service URL instead 
 Token = Annotated[str | None, typer.Option(envvar="SPOT_API_TOKEN", help="bearer token for --remote")]
 
 
-def _prompt_source(library: Path | None, remote: str | None, token: str | None):
-    """A local Library or a RetrievalClient: both offer publish/query/read_bytes."""
+def _prompt_source(library: Path | None, remote: str | None, token: str | None,
+                   create: bool = True):
+    """A local Library or a RetrievalClient: both offer publish/query/read_bytes. `create`:
+    a missing local library is made (to publish into), else it is an error."""
     if (library is None) == (remote is None):
         raise ValueError("give exactly one of --library DIR or --remote URL")
     if remote is not None:
@@ -147,12 +291,27 @@ def _prompt_source(library: Path | None, remote: str | None, token: str | None):
         return RetrievalClient(remote, token)
     from library import Library
 
-    return Library(library)
+    return Library(library, create=create)
 
 
-@app.command("train-source")
+def _searchable(source, where: str) -> dict[str, int]:
+    """The backbones `source` holds prompts for; an empty library is an error."""
+    held = source.backbones()
+    if not held:
+        raise ValueError(f"{where} holds no prompts to search")
+    return held
+
+
+def _check_backbone(held: dict[str, int], model, where: str) -> None:
+    """Refuse a library without prompts for this backbone (before any query is made)."""
+    if model.identity not in held:
+        raise ValueError(f"{where} holds no prompts for backbone {model.name} "
+                         f"({model.identity}); it holds {', '.join(held)}")
+
+
+@_command("train-source")
 def train_source(
-    task: Annotated[str, typer.Option(help="registered task name")],
+    task: TaskName,
     out: Annotated[Path, typer.Option(help="run directory")],
     library: LibraryDir = None,
     remote: Remote = None,
@@ -160,46 +319,58 @@ def train_source(
     backbone: ConfigBackbone = None,
     config: ConfigFile = None,
     steps: Annotated[int | None, typer.Option(help="default 300 without --config")] = None,
-    key_step: Annotated[int | None, typer.Option(help="default 50 without --config")] = None,
+    key_step: Annotated[int | None, typer.Option(help="default: steps // 6 (at least 1)")] = None,
     eval_every: Annotated[int | None, typer.Option(help="default 50 without --config")] = None,
     batch_size: int | None = None,
     prompt_length: int | None = None,
     seed: int | None = None,
+    recipe: Annotated[list[str] | None, typer.Option(
+        help="key recipe(s) to publish, each by the library's protocol (default: gradient)")] = None,
+    labels: Labels = None,
+    template: Template = DEFAULT_TEMPLATE,
+    label_field: LabelField = "label",
 ) -> None:
-    """Train a source prompt and publish its key and value in one go."""
+    """Train a source prompt and publish its value with a key per recipe, each made by the
+    library's key protocol (the library's first publish for a recipe sets the default one)."""
     from spot import backbones
-    from spot.tasks import get_task
+    from spot.publish import publish_source
+    from spot.task_embedding import DEFAULT_RECIPE
     from spot.train import train as run_training
 
-    try:
-        source = _prompt_source(library, remote, token)
-        cfg = _train_config(config, {"steps": 300, "key_step": 50, "eval_every": 50}, task=task,
-                            backbone=backbone, steps=steps, key_step=key_step,
-                            eval_every=eval_every, batch_size=batch_size,
-                            prompt_length=prompt_length, seed=seed)
-        run_training(backbones.load(cfg.backbone), get_task(cfg.task), cfg, out)
-        ids = source.publish(out / "key.safetensors", out / "value.safetensors", {"task": cfg.task})
-    except (ValueError, KeyError, OSError) as error:
-        _fail(error)
-    console.print(f"published {task}: key {ids.key}, value {ids.value}")
+    source = _prompt_source(library, remote, token)
+    cfg = _train_config(config, {"steps": 300, "eval_every": 50}, task=task,
+                        backbone=backbone, steps=steps, key_step=key_step,
+                        eval_every=eval_every, batch_size=batch_size,
+                        prompt_length=prompt_length, seed=seed)
+    cfg, source_task = _config_task(cfg, TaskArgs(labels, template, label_field))
+    model = backbones.load(cfg.backbone)
+    run_training(model, source_task, cfg, out)
+    for name in recipe or [DEFAULT_RECIPE]:
+        ids = publish_source(source, model, source_task, out / "value.safetensors", name)
+        console.print(f"published {source_task.name}: {name} key {ids.key}, value {ids.value}")
 
 
-@app.command()
+@_command()
 def publish(
-    key: Annotated[Path, typer.Option(help="key prompt file (early checkpoint)")],
-    value: Annotated[Path | None, typer.Option(help="value prompt file (best checkpoint)")] = None,
+    key: Annotated[Path, typer.Option(help="key prompt file or PEFT adapter directory")],
+    value: Annotated[Path | None, typer.Option(
+        help="value prompt file or PEFT adapter directory (best checkpoint)")] = None,
     task: Annotated[str | None, typer.Option(help="task name if the files do not record it")] = None,
     library: LibraryDir = None,
     remote: Remote = None,
     token: Token = None,
 ) -> None:
     """Publish a source's key (and value) prompt files."""
-    try:
-        source = _prompt_source(library, remote, token)
-        ids = source.publish(key, value, {"task": task} if task else None)
-    except (ValueError, KeyError, OSError) as error:
-        _fail(error)
-    console.print(json.dumps({"key": ids.key, "value": ids.value}))
+    from spot.prompts import read_prompt
+
+    prompts = [read_prompt(path) for path in (key, value) if path is not None]
+    for path, (_, meta) in zip((key, value), prompts, strict=False):
+        if path.is_dir() and not meta.get("backbone"):
+            raise ValueError(f"{path} records no backbone: make a prompt file with "
+                             f"`spot import {path} --backbone NAME --out FILE` and publish that")
+    source = _prompt_source(library, remote, token)
+    ids = source.publish(*prompts, {"task": task} if task else None)
+    _print_json({"key": ids.key, "value": ids.value})
 
 
 def _show_matches(retrieved) -> None:
@@ -209,102 +380,158 @@ def _show_matches(retrieved) -> None:
     console.print(table)
 
 
-@app.command()
+Recipe = Annotated[str | None, typer.Option(
+    help="key recipe to search (gradient | trained; default: the library's default protocol)")]
+EvalExamples = Annotated[int | None, typer.Option(
+    help="validation rows per evaluation of a training run (0: the whole split; default 400)")]
+
+
+@_command()
 def query(
-    task: Annotated[str | None, typer.Option(help="train a query prompt on this task")] = None,
-    prompt: Annotated[Path | None, typer.Option(help="or use this query prompt file")] = None,
-    out: Annotated[Path, typer.Option(help="run directory for the query prompt")] = Path("runs/query"),
+    task: Annotated[str | None, typer.Option(
+        help="embed this task as the library's keys were: " + TASK_HELP)] = None,
+    prompt: Annotated[Path | None, typer.Option(
+        help="or use this key file (or PEFT adapter directory) as the query")] = None,
+    out: Annotated[Path, typer.Option(
+        help="run directory of a query prompt (libraries whose keys record no protocol)")] = Path("runs/query"),
     library: LibraryDir = None,
     remote: Remote = None,
     token: Token = None,
-    backbone: ConfigBackbone = None,
-    config: Annotated[Path | None, typer.Option(
-        help="JSON TrainConfig for the query prompt; flags override it")] = None,
+    backbone: Backbone = "smollm2-135m",
     k: int = 3,
     metric: str = "token",
-    key_step: Annotated[int | None, typer.Option(help="query training steps (default 50)")] = None,
+    recipe: Recipe = None,
+    eval_examples: EvalExamples = None,
+    labels: Labels = None,
+    template: Template = DEFAULT_TEMPLATE,
+    label_field: LabelField = "label",
 ) -> None:
-    """Top-k source prompts for a target task (or a query prompt file)."""
+    """Top-k source prompts for a target task (or a query key file).
+
+    The task's key is made by the library's key protocol: its start prompt, recipe and settings."""
     from spot import backbones
     from spot.prompts import load_for_backbone
-    from spot.tasks import get_task
-    from spot.transfer import query_prompt, retrieve
+    from spot.transfer import retrieve, task_query
 
-    try:
-        source = _prompt_source(library, remote, token)
-        if prompt is not None:
-            model = backbones.load(backbone or backbones.DEFAULT_BACKBONE)
-            soft, _ = load_for_backbone(prompt, model)
-        elif task is not None or config is not None:
-            cfg = _train_config(config, {"key_step": 50}, task=task, backbone=backbone,
-                                key_step=key_step)
-            model = backbones.load(cfg.backbone)
-            soft = query_prompt(model, get_task(cfg.task), cfg, out)
-        else:
-            raise ValueError("give --task or --prompt")
-        _show_matches(retrieve(source, model, soft, k, metric))
-    except (ValueError, KeyError, OSError) as error:
-        _fail(error)
+    if (task is None) == (prompt is None):
+        raise ValueError("give exactly one of --task or --prompt")
+    if k < 1:
+        raise ValueError(f"--k must be at least 1, got {k}")
+    where = str(library or remote)
+    source = _prompt_source(library, remote, token, create=False)
+    held = _searchable(source, where)
+    if prompt is not None:
+        _read_prompt(prompt)
+    else:
+        target = _task(task, TaskArgs(labels, template, label_field))
+        legacy = _train_config(None, {}, task=target.name, backbone=backbone,
+                               eval_examples=eval_examples)
+    model = backbones.load(backbone)
+    _check_backbone(held, model, where)
+    if prompt is not None:
+        soft, _ = load_for_backbone(prompt, model)
+    else:
+        soft = task_query(source, model, target, recipe, (legacy, out))
+    _show_matches(retrieve(source, model, soft, k, metric, recipe=recipe))
 
 
-@app.command("tune-target")
+@_command("tune-target")
 def tune_target(
-    task: Annotated[str, typer.Option(help="target task")],
+    task: TaskName,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/target"),
     strategy: Annotated[str, typer.Option(help="best-of-k | weighted | mixture")] = "best-of-k",
     k: int = 3,
     metric: str = "token",
+    recipe: Recipe = None,
     library: LibraryDir = None,
     remote: Remote = None,
     token: Token = None,
     backbone: ConfigBackbone = None,
     config: Annotated[Path | None, typer.Option(
-        help="JSON TrainConfig for the query, transfer and baseline runs; flags override it")] = None,
+        help="JSON TrainConfig for the transfer and baseline runs; flags override it")] = None,
     steps: Annotated[int | None, typer.Option(help="default 100 without --config")] = None,
-    key_step: Annotated[int | None, typer.Option(help="default 20 without --config")] = None,
+    key_step: Annotated[int | None, typer.Option(
+        help="query steps for a library whose keys record no protocol (default steps // 6)")] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help="steps between validations (default: four per run without --config)")] = None,
+    eval_examples: EvalExamples = None,
     batch_size: int | None = None,
     prompt_length: int | None = None,
+    learning_rate: Annotated[float | None, typer.Option(
+        help="default 0.3 (the reference); 0.01 suits SmolLM2")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant (default) | linear | cosine")] = None,
+    init: Annotated[str | None, typer.Option(
+        help="the baseline's init: sampled_vocab (default) | class_labels | text:..")] = None,
     baseline: Annotated[bool, typer.Option(
         help="also tune from the config's init (sampled vocab by default); report RER")] = True,
-    test_examples: int = 500,
+    test_examples: Annotated[int, typer.Option(
+        help="test rows scored per run (0: the whole split)")] = 500,
+    labels: Labels = None,
+    template: Template = DEFAULT_TEMPLATE,
+    label_field: LabelField = "label",
 ) -> None:
     """Query the library with the target, then tune it from the top-k sources."""
     from spot import backbones
+    from spot.progress import progress_bar
     from spot.tasks import get_task
+    from spot.train import default_key_step
     from spot.train import train as run_training
-    from spot.transfer import held_out_score, query_prompt, relative_error_reduction, retrieve
+    from spot.transfer import (
+        STRATEGIES,
+        held_out_score,
+        relative_error_reduction,
+        retrieve,
+        task_query,
+    )
     from spot.transfer import tune_target as run_transfer
 
-    try:
-        source = _prompt_source(library, remote, token)
-        plain = {"steps": 100 if steps is None else steps,
-                 "key_step": 20 if key_step is None else key_step}
-        plain["eval_every"] = max(plain["key_step"], plain["steps"] // 4)  # four evaluations
-        cfg = _train_config(config, plain, task=task, backbone=backbone, steps=steps,
-                            key_step=key_step, batch_size=batch_size, prompt_length=prompt_length)
-        model = backbones.load(cfg.backbone)
-        target = get_task(cfg.task)
-        retrieved = retrieve(source, model, query_prompt(model, target, cfg, out / "query"), k,
-                             metric, exclude=[task])
-        _show_matches(retrieved)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if k < 1 or test_examples < 0:
+        raise ValueError("--k must be at least 1 and --test-examples at least 0")
+    where = str(library or remote)
+    source = _prompt_source(library, remote, token, create=False)
+    held = _searchable(source, where)
+    plain = {"steps": 100 if steps is None else steps}
+    plain["eval_every"] = max(key_step or default_key_step(plain["steps"]),
+                              plain["steps"] // 4)  # four evaluations
+    target = _task(task, TaskArgs(labels, template, label_field))
+    cfg = _train_config(config, plain, task=target.name, backbone=backbone, steps=steps,
+                        key_step=key_step, eval_every=eval_every, eval_examples=eval_examples,
+                        batch_size=batch_size, prompt_length=prompt_length,
+                        learning_rate=learning_rate, schedule=schedule, init=init)
+    model = backbones.load(cfg.backbone)
+    _check_backbone(held, model, where)
+    phases = ["query", "transfer", "test", *(["baseline", "baseline test"] if baseline else [])]
+    with progress_bar("tune-target", len(phases)) as phase:
+        phase.update(0, note=phases[0])
+        query_key = task_query(source, model, target, recipe, (cfg, out / "query"))
+        retrieved = retrieve(source, model, query_key, k, metric, exclude=[target.name],
+                             recipe=recipe)
         sources = [get_task(r.task) for r in retrieved] if strategy == "mixture" else []
-        result = run_transfer(model, target, retrieved, strategy, cfg, out / strategy, sources)
-        score = held_out_score(model, target, result.result, test_examples)
-        table = Table("init", f"test {target.metrics[0]}", "relative error reduction")
+        phase.update(1, note=phases[1])
+        result = run_transfer(model, target, retrieved, strategy, cfg, out / strategy, sources,
+                              show_progress=True)
+        phase.update(2, note=phases[2])
+        score = held_out_score(model, target, result.result, test_examples, show_progress=True)
         if baseline:
-            base = run_training(model, target, cfg, out / "baseline", show_progress=False)
-            base_score = held_out_score(model, target, base, test_examples)
-            table.add_row(f"{cfg.init} (baseline)", f"{base_score:.2f}", "")
-            table.add_row(strategy, f"{score:.2f}",
-                          f"{relative_error_reduction(base_score, score):+.3f}")
-        else:
-            table.add_row(strategy, f"{score:.2f}", "")
-        console.print(table)
-    except (ValueError, KeyError, OSError) as error:
-        _fail(error)
+            phase.update(3, note=phases[3])
+            base = run_training(model, target, cfg, out / "baseline")
+            phase.update(4, note=phases[4])
+            base_score = held_out_score(model, target, base, test_examples, show_progress=True)
+        phase.update(len(phases), note="done")
+    _show_matches(retrieved)
+    table = Table("init", f"test {target.metrics[0]}", "relative error reduction")
+    if baseline:
+        table.add_row(f"{cfg.init} (baseline)", f"{base_score:.2f}", "")
+        table.add_row(strategy, f"{score:.2f}",
+                      f"{relative_error_reduction(base_score, score):+.3f}")
+    else:
+        table.add_row(strategy, f"{score:.2f}", "")
+    console.print(table)
 
 
-@library_app.command("list")
+@_command("list", library_app)
 def library_list(
     library: Annotated[Path, typer.Argument(help="library directory")],
     task: str | None = None,
@@ -312,35 +539,78 @@ def library_list(
     limit: int = 100,
 ) -> None:
     """List entries."""
-    from library import Library
 
-    table = Table("id", "task", "role", "step", "score", "L", "backbone")
-    for e in Library(library).list(task=task, role=role, limit=limit):
-        table.add_row(e.id, e.task, e.role, str(e.step), f"{e.score or 0:.2f}", str(e.length),
-                      e.backbone)
+    table = Table("id", "task", "role", "step", "score", "L", "key protocol", "backbone")
+    for e in _open_library(library).list(task=task, role=role, limit=limit):
+        table.add_row(e.id, e.task, e.role, _show(e.step), _show(e.score, ".2f"), str(e.length),
+                      e.protocol or ("none" if e.role == "key" else ""), e.backbone)
     console.print(table)
 
 
-@library_app.command("verify")
-def library_verify(library: Annotated[Path, typer.Argument(help="library directory")]) -> None:
-    """Check every file against the manifest; sweep orphans; refresh stale indexes."""
+def _open_library(path: Path):
+    """An existing library (a missing one is an error, not a new empty library)."""
     from library import Library
 
-    report = Library(library).verify()
+    return Library(path, create=False)
+
+
+@_command("protocols", library_app)
+def library_protocols(library: Annotated[Path, typer.Argument(help="library directory")]) -> None:
+    """The key protocols: how each backbone's keys are made (recipe and every setting)."""
+    table = Table("id", "recipe", "default", "settings", "backbone")
+    for protocol, default in _open_library(library).protocols():
+        settings = {k: v for k, v in json.loads(protocol.to_json()).items()
+                    if k not in ("recipe", "backbone")}
+        table.add_row(protocol.id, protocol.recipe, "yes" if default else "",
+                      json.dumps(settings), protocol.backbone)
+    console.print(table)
+
+
+@_command("rekey", library_app)
+def library_rekey(
+    library: Annotated[Path, typer.Argument(help="library directory")],
+    recipe: Annotated[str, typer.Option(help="gradient | trained")],
+    backbone: Backbone = "smollm2-135m",
+) -> None:
+    """Give every source a key under the library's protocol for RECIPE (values untouched;
+    resumes; reports the sources whose task could not be loaded)."""
+    from spot import backbones
+    from spot.publish import rekey
+
+    store = _open_library(library)
+    failed = 0
+    model = backbones.load(backbone)
+    for row in rekey(store, model, recipe):
+        if row.key is None:
+            failed += 1
+            console.print(f"[yellow]not rebuilt[/yellow] {row.task} (value {row.value}): "
+                          f"{row.skipped}")
+        else:
+            state = "already keyed" if row.skipped == "done" else "keyed"
+            console.print(f"{row.task}: {state} {row.key} (value {row.value})")
+    if failed:
+        console.print(f"{failed} source(s) could not be re-keyed")
+        raise typer.Exit(1)
+
+
+@_command("verify", library_app)
+def library_verify(library: Annotated[Path, typer.Argument(help="library directory")]) -> None:
+    """Check every file against the manifest; sweep orphans; refresh stale indexes."""
+
+    report = _open_library(library).verify()
     console.print_json(json.dumps(report.to_dict()))
     if not report.ok:
         raise typer.Exit(1)
 
 
-@library_app.command("rebuild")
+@_command("rebuild", library_app)
 def library_rebuild(library: Annotated[Path, typer.Argument(help="library directory")]) -> None:
     """Rebuild every FAISS index from the manifest and files."""
-    from library import Library
 
-    console.print_json(json.dumps(Library(library).rebuild()))
+    console.print_json(json.dumps(_open_library(library).rebuild()))
 
 
-@library_app.command("import-npy")
+@_command("import-npy", library_app)
 def library_import_npy(
     library: Annotated[Path, typer.Argument(help="library directory")],
     files: Annotated[list[Path], typer.Argument(help=".npy prompts; task = file stem")],
@@ -349,17 +619,73 @@ def library_import_npy(
     """Import released `.npy` prompts (e.g. Google's) as key+value entries."""
     from library import Library, import_npy
 
+    prompts = {path: import_npy(path) for path in files}  # every file is checked first
     store = Library(library)
-    for path in files:
-        prompt = import_npy(path)
+    for path, prompt in prompts.items():
         ids = store.publish(prompt, prompt, {"task": path.stem, "backbone": backbone})
         console.print(f"{path.stem}: key {ids.key}, value {ids.value}")
 
 
-@app.command()
+@_command("export")
+def export(
+    prompt: Annotated[Path, typer.Argument(help="prompt file (.safetensors)")],
+    out: Annotated[Path, typer.Argument(help="PEFT adapter directory, or .npy file")],
+    fmt: Annotated[str, typer.Option("--format", help="peft | npy")] = "peft",
+    base_model: Annotated[str | None, typer.Option(
+        help="PEFT's base_model_name_or_path (e.g. HuggingFaceTB/SmolLM2-135M)")] = None,
+) -> None:
+    """Export a prompt file as a PEFT adapter or a .npy array.
+
+    The adapter keeps task, step, backbone and the rest in its spot_prompt.json."""
+    import numpy as np
+
+    from library.prompt_file import export_peft, load_prompt
+
+    if fmt not in ("peft", "npy"):
+        raise ValueError(f"unknown format {fmt!r}; choose peft or npy")
+    array, meta = load_prompt(prompt)
+    if fmt == "npy":
+        if out.suffix != ".npy":
+            raise ValueError(f"{out}: an npy export is a .npy file")
+        np.save(out, array, allow_pickle=False)
+    else:
+        export_peft(array, out, base_model=base_model, metadata=meta)
+    console.print(f"{prompt} -> {out} ({fmt})")
+
+
+@_command("import")
+def import_prompt(
+    source: Annotated[Path, typer.Argument(help="PEFT adapter directory or .npy file")],
+    out: Annotated[Path, typer.Option(help="prompt file to write (.safetensors)")],
+    backbone: Backbone = "smollm2-135m",
+    task: Annotated[str | None, typer.Option(help="task name (default: recorded, else SOURCE's "
+                                                  "name)")] = None,
+) -> None:
+    """Import a PEFT adapter or .npy prompt as a prompt file of a backbone.
+
+    The file is stamped with the backbone identity, so it can be published and transferred."""
+    from library import import_npy
+    from spot import backbones
+    from spot.prompts import read_prompt, save_for_backbone
+
+    if source.is_dir():
+        array, meta = read_prompt(source)
+    else:
+        array, meta = import_npy(source), {}
+    model = backbones.load(backbone)
+    recorded = meta.pop("backbone", None)
+    if recorded and recorded != model.identity:
+        raise ValueError(f"{source} was trained on backbone {recorded}, not {model.identity} "
+                         f"({model.name})")
+    meta["task"] = task or meta.get("task") or source.stem
+    save_for_backbone(out, array, model, **meta)
+    console.print(f"{source} -> {out} (backbone {model.identity}, task {meta['task']})")
+
+
+@_command()
 def study(
-    sources: Annotated[str, typer.Option(help="comma-separated source tasks")],
-    targets: Annotated[str, typer.Option(help="comma-separated target tasks")],
+    sources: Annotated[str, typer.Option(help="comma-separated source tasks (names or files)")],
+    targets: Annotated[str, typer.Option(help="comma-separated target tasks (names or files)")],
     out: Annotated[Path, typer.Option(help="study folder (resumes)")] = Path("studies/run"),
     seeds: str = "0",
     source_steps: int = 60,
@@ -370,22 +696,36 @@ def study(
     eval_examples: int = 100,
     test_examples: int = 200,
     backbone: Backbone = "smollm2-135m",
+    labels: Labels = None,
+    template: Template = DEFAULT_TEMPLATE,
+    label_field: LabelField = "label",
 ) -> None:
-    """Train sources, baselines and every source->target transfer; write results.jsonl."""
+    """Train sources, baselines and every source->target transfer; write results.jsonl.
+
+    Task files share --labels, --template and --label-field; a .json task spec has its own."""
     from spot import backbones
     from spot.study import StudyConfig, run_study
+    from spot.tasks import list_tasks
 
-    config = StudyConfig(tuple(sources.split(",")), tuple(targets.split(",")),
-                         tuple(int(s) for s in seeds.split(",")), source_steps, target_steps,
-                         key_step, prompt_length, batch_size, eval_examples, test_examples)
+    args = TaskArgs(labels, template, label_field)
+    given = {name: _task(name, args) for name in {*sources.split(","), *targets.split(",")}}
+    names = {name: task.name for name, task in given.items()}
     try:
-        run_study(backbones.load(backbone), config, out)
-    except (ValueError, KeyError, OSError) as error:
-        _fail(error)
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if min(source_steps, target_steps, key_step, prompt_length, batch_size) < 1:
+        raise ValueError("steps, key step, prompt length and batch size must be at least 1")
+    config = StudyConfig(tuple(names[s] for s in sources.split(",")),
+                         tuple(names[t] for t in targets.split(",")), seed_list, source_steps,
+                         target_steps, key_step, prompt_length, batch_size, eval_examples,
+                         test_examples)
+    files = {task.name: task for task in given.values() if task.name not in list_tasks()}
+    run_study(backbones.load(backbone), config, out, files)
     console.print(f"results in {out / 'results.jsonl'}")
 
 
-@app.command()
+@_command()
 def heatmap(
     results: Annotated[Path, typer.Argument(help="study folder")],
     out: Annotated[Path, typer.Option(help="where the PNGs go")] = Path("figures"),
@@ -393,15 +733,11 @@ def heatmap(
     """Transferability figures (similarity, transfer, scatter, retrieval curve) as PNG."""
     from spot.figures import write_figures
 
-    try:
-        paths = write_figures(results, out)
-    except (ValueError, OSError) as error:
-        _fail(error)
-    for path in paths:
+    for path in write_figures(results, out):
         console.print(str(path))
 
 
-@app.command()
+@_command()
 def serve(
     library: Annotated[Path, typer.Option(help="library directory")],
     host: str = "127.0.0.1",
@@ -409,26 +745,45 @@ def serve(
     tokens_file: Annotated[Path | None, typer.Option(help="one bearer token per line")] = None,
     backbone: Annotated[str | None, typer.Option(help="also serve POST /v1/predict")] = None,
     open_reads: bool = True,
+    public_status: Annotated[
+        bool, typer.Option(help="with --no-open-reads, still show counts on /healthz, /metrics")
+    ] = False,
+    read_only: Annotated[
+        bool, typer.Option(help="refuse publish and delete (automatic if not writable)")
+    ] = False,
+    max_upload_bytes: Annotated[int, typer.Option(help="largest request body")] = 64 * 2**20,
+    max_prompt_length: Annotated[
+        int, typer.Option(help="longest prompt (L) a publish or query may hold")
+    ] = 1024,
 ) -> None:
     """Run the retrieval service (model-free unless --backbone is given)."""
     import uvicorn
 
     from retrieval_api.app import create_app, load_tokens
 
-    app_ = create_app(library, tokens=load_tokens(tokens_file), open_reads=open_reads)
+    app_ = create_app(
+        library,
+        tokens=load_tokens(tokens_file),
+        open_reads=open_reads,
+        max_upload_bytes=max_upload_bytes,
+        max_prompt_length=max_prompt_length,
+        read_only=read_only,
+        public_status=public_status,
+    )
     if backbone is not None:
         from library import Library
         from spot import backbones
-        from spot.serve import Predictor
-        from spot.serve_http import add_predict_route
+        from spot.predict import Predictor
+        from spot.predict_http import add_predict_route
 
-        add_predict_route(app_, Predictor(backbones.load(backbone), Library(library)))
+        model = backbones.load(backbone)
+        add_predict_route(app_, Predictor(model, Library(library, read_only=read_only)))
     uvicorn.run(app_, host=host, port=port)
 
 
-@app.command()
+@_command()
 def inspect(
-    prompt: Annotated[Path, typer.Argument(help="prompt file")],
+    prompt: Annotated[Path, typer.Argument(help="prompt file or PEFT adapter directory")],
     backbone: Backbone = "smollm2-135m",
     top: int = 5,
 ) -> None:
@@ -437,6 +792,7 @@ def inspect(
     from spot.interpret import inspect_prompt, render
     from spot.prompts import load_for_backbone
 
+    _read_prompt(prompt)
     model = backbones.load(backbone)
     soft, _ = load_for_backbone(prompt, model)
     console.print(render(inspect_prompt(model, soft, top)))

@@ -8,18 +8,24 @@ import numpy as np
 
 from spot.backbones.base import Backbone
 from spot.batching import Encoded, encode, eval_batches
+from spot.progress import progress_bar
 
 
 def score_encoded(
-    backbone: Backbone, prompt, encoded: Encoded, batch_size: int = 16, max_length: int = 128
+    backbone: Backbone, prompt, encoded: Encoded, batch_size: int = 16, max_length: int = 128,
+    show_progress: bool = False, description: str = "evaluate",
 ) -> np.ndarray:
     """[n_examples, n_choices] log-likelihoods, in the order of `encoded`."""
     prompt = reusable_prompt(backbone, prompt)
     scores = np.zeros(encoded.choices.shape[:2], np.float32)
     batches = eval_batches(encoded, batch_size, backbone.pad_id, max_length=max_length,
                            pack=backbone.packing)
-    for rows, batch in batches:
-        scores[rows] = np.asarray(backbone.score(prompt, batch))[: len(rows)]
+    done = 0
+    with progress_bar(description, total=len(scores), enabled=show_progress) as bar:
+        for rows, batch in batches:
+            scores[rows] = np.asarray(backbone.score(prompt, batch))[: len(rows)]
+            done += len(rows)
+            bar.update(done)
     return scores
 
 
@@ -42,10 +48,12 @@ def subset(examples: Sequence, limit: int | None, seed: int = 0) -> list:
 
 def evaluate(
     backbone: Backbone, prompt, task, split: str = "validation", limit: int | None = None,
-    batch_size: int = 16, max_length: int = 128,
+    batch_size: int = 16, max_length: int = 128, show_progress: bool = False,
 ) -> dict[str, float]:
     """Task metrics (0-100) of `prompt` on `split` (optionally a fixed subset)."""
     examples = subset(task.load(split), limit)
     encoded = encode(backbone, examples, max_length=max_length)
-    predictions = score_encoded(backbone, prompt, encoded, batch_size, max_length).argmax(axis=1)
+    scores = score_encoded(backbone, prompt, encoded, batch_size, max_length, show_progress,
+                           f"{split} {task.name}")
+    predictions = scores.argmax(axis=1)
     return task.evaluate(predictions, encoded.labels)

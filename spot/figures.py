@@ -66,6 +66,15 @@ def _annotate(ax, values: np.ndarray, fmt: str, norm) -> None:
                 color="white" if shade < 0.2 or shade > 0.8 else "black")
 
 
+def similarity_norm(matrix: np.ndarray) -> TwoSlopeNorm:
+    """Colours centred on 0 and scaled to the largest |similarity| between different tasks (the
+    diagonal's self-similarity of 1 saturates), so a 0.00-0.10 matrix is not left blank."""
+    between = matrix[~np.eye(len(matrix), dtype=bool) & np.isfinite(matrix)]
+    bound = float(np.abs(between).max()) if between.size else 1.0
+    bound = min(max(bound, 1e-6), 1.0)
+    return TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
+
+
 def similarity_figure(study: analysis.Study, metric: str) -> Figure:
     """Clustered heatmap of `metric` similarity over all tasks, dendrogram on top."""
     tasks, matrix = analysis.similarity_matrix(study, metric)
@@ -83,13 +92,14 @@ def similarity_figure(study: analysis.Study, metric: str) -> Figure:
         top.set_xlim(0, 10 * n)
         top.axis("off")
     ax = figure.add_subplot(grid[1, 0])
-    norm = TwoSlopeNorm(vmin=-1.0, vcenter=0.0, vmax=1.0)
+    norm = similarity_norm(matrix)
     image = ax.imshow(matrix, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
     labels = [f"{t} ({study.family(t)})" if study.family(t) else t for t in tasks]
     ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)
     _annotate(ax, matrix, ".2f", norm)
-    figure.colorbar(image, cax=figure.add_subplot(grid[1, 1]), label=f"cosine ({metric})")
+    figure.colorbar(image, cax=figure.add_subplot(grid[1, 1]), label=f"cosine ({metric})",
+                    extend="both")
     _label(study, figure, f"Task-embedding similarity ({metric}), clustered")
     return figure
 
@@ -196,4 +206,4 @@ def write_figures(study_dir: str | Path, out_dir: str | Path, *, dpi: int = 150)
 
 
 __all__ = ["cluster_order", "retrieval_figure", "scatter_figure", "similarity_figure",
-           "transfer_figure", "write_figures"]
+           "similarity_norm", "transfer_figure", "write_figures"]

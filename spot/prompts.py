@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from library.prompt_file import load_prompt, save_prompt
+from library.prompt_file import import_peft, load_prompt, save_prompt
 from spot.backbones.base import Backbone, BackboneError, check_prompt
 
 VOCAB_SAMPLE_SIZE = 5000  # "sampled vocabulary": the 5,000 most common tokens
@@ -62,9 +62,15 @@ def from_text(backbone: Backbone, text: str, length: int) -> np.ndarray:
     return np.resize(tokens, (length, tokens.shape[1])).astype(np.float32)
 
 
+def read_prompt(path: str | Path) -> tuple[np.ndarray, dict[str, str]]:
+    """A prompt file, or a PEFT prompt-tuning adapter directory -> (prompt, metadata)."""
+    return import_peft(path) if Path(path).is_dir() else load_prompt(path)
+
+
 def load_for_backbone(path: str | Path, backbone: Backbone) -> tuple[np.ndarray, dict[str, str]]:
-    """Read a prompt file and refuse it unless it was trained on this backbone."""
-    prompt, meta = load_prompt(path)
+    """Read a prompt file (or PEFT adapter directory) and refuse it unless it was trained on
+    this backbone."""
+    prompt, meta = read_prompt(path)
     recorded = meta.get("backbone")
     if recorded and recorded != backbone.identity:
         raise BackboneError(

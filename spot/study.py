@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from rich.console import Console
 from library import Library, similarity
 from library.atomic import atomic_write
 from spot.backbones.base import Backbone
-from spot.tasks import get_task
+from spot.tasks import Task, get_task
 from spot.train import TrainConfig, train
 from spot.transfer import held_out_score, relative_error_reduction, train_from_prompt
 
@@ -55,8 +55,17 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def run_study(backbone: Backbone, config: StudyConfig, out: str | Path) -> Path:
-    """Train sources, baselines and every source->target transfer; write the result files."""
+def run_study(
+    backbone: Backbone, config: StudyConfig, out: str | Path,
+    tasks: Mapping[str, Task] | None = None,
+) -> Path:
+    """Train sources, baselines and every source->target transfer; write the result files.
+    `tasks` holds tasks by name that are not registered (e.g. over the user's files)."""
+    unregistered = dict(tasks or {})
+
+    def task_of(name: str) -> Task:
+        return unregistered[name] if name in unregistered else get_task(name)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
@@ -65,7 +74,7 @@ def run_study(backbone: Backbone, config: StudyConfig, out: str | Path) -> Path:
     values: dict[str, np.ndarray] = {}
     for name in config.sources:
         console.print(f"[bold]source[/bold] {name}")
-        run = train(backbone, get_task(name), _train_config(config, name, config.source_steps, 0),
+        run = train(backbone, task_of(name), _train_config(config, name, config.source_steps, 0),
                     out / "sources" / name)
         library.publish(run.out / "key.safetensors", run.out / "value.safetensors",
                         {"task": name})
@@ -73,7 +82,7 @@ def run_study(backbone: Backbone, config: StudyConfig, out: str | Path) -> Path:
 
     rows, done = [], _done_rows(out / "results.jsonl")
     for target in config.targets:
-        task = get_task(target)
+        task = task_of(target)
         for seed in config.seeds:
             base_dir = out / "targets" / target / f"seed{seed}"
             base_cfg = dataclasses.replace(
@@ -102,7 +111,7 @@ def run_study(backbone: Backbone, config: StudyConfig, out: str | Path) -> Path:
                 })
                 _write_jsonl(out / "results.jsonl", rows)
     _write_jsonl(out / "results.jsonl", rows)
-    _write_similarities(out, keys, config)
+    _write_similarities(out, keys, config, task_of)
     return out
 
 
@@ -113,7 +122,9 @@ def _done_rows(path: Path) -> dict[tuple[str, str, int], dict]:
     return {(r["source"], r["target"], r["seed"]): r for r in rows}
 
 
-def _write_similarities(out: Path, keys: dict[str, np.ndarray], config: StudyConfig) -> None:
+def _write_similarities(
+    out: Path, keys: dict[str, np.ndarray], config: StudyConfig, task_of: Callable[[str], Task],
+) -> None:
     """All ordered pairs of task keys (targets: their first seed's query) under both metrics."""
     tasks = {name: keys[name] for name in config.sources}
     for target in config.targets:
@@ -124,7 +135,7 @@ def _write_similarities(out: Path, keys: dict[str, np.ndarray], config: StudyCon
     roles = {name: "source" for name in config.sources}
     for target in config.targets:
         roles[target] = "both" if target in roles else "target"
-    meta = {name: {"family": get_task(name).family, "role": role} for name, role in roles.items()}
+    meta = {name: {"family": task_of(name).family, "role": role} for name, role in roles.items()}
     atomic_write(out / "tasks.json", json.dumps(meta, indent=1).encode())
 
 

@@ -54,6 +54,11 @@ SCHEDULES = ("constant", "linear", "cosine")
 CHECKPOINT_EVERY = 50
 
 
+def default_key_step(steps: int) -> int:
+    """The key checkpoint when none is given: a sixth of the run (50 of 300 steps), at least 1."""
+    return max(1, steps // 6)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     task: str
@@ -66,9 +71,10 @@ class TrainConfig:
     weight_decay: float = 1e-5
     batch_size: int = 8
     steps: int = 300
-    key_step: int = 50
+    key_step: int | None = None  # None: default_key_step(steps) (50 for the default 300 steps)
     eval_every: int = 50
     eval_examples: int = 400  # validation subset per evaluation (0 = whole split)
+    patience: int = 0  # > 0: stop after this many evaluations without a better validation score
     max_length: int = 128
     seed: int = 0
     objective: str = "lm"  # lm: gold answer's token cross-entropy | choices: softmax over choices
@@ -80,8 +86,18 @@ class TrainConfig:
     balance_classes: bool = False  # batches take the classes in turn (see balanced_train_rows)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.prompt_length < 1:
-            raise ValueError("steps, batch_size and prompt_length must be positive")
+        for name in ("steps", "batch_size", "prompt_length", "eval_every", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.key_step is None:
+            object.__setattr__(self, "key_step", default_key_step(self.steps))
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0: never stop early), got {self.patience}")
+        if self.eval_examples < 0:
+            raise ValueError(f"eval_examples must be >= 0 (0: the whole split), "
+                             f"got {self.eval_examples}")
         if not 0 < self.key_step <= self.steps:
             raise ValueError(f"key_step {self.key_step} must lie in [1, steps={self.steps}]")
         if self.optimizer not in ("adafactor", "adam"):
@@ -345,7 +361,7 @@ def train(
 
     def validate(p) -> float:
         return evaluate(backbone, p, _Fixed(task, valid_examples), "validation",
-                        max_length=config.max_length)[metric]
+                        max_length=config.max_length, show_progress=show_progress)[metric]
 
     def current() -> jax.Array:
         return effective_prompt(trainable) if average is None else average
@@ -357,7 +373,7 @@ def train(
         if history:  # resumed: show the last logged numbers until new ones arrive
             last = history[-1]
             bar.update(step, loss=last["loss"], score=last[metric], rate=last["examples_per_s"])
-        while step < config.steps:
+        while step < config.steps and not _stalled(config, step, best_step):
             if stop_after is not None and seen >= stop_after * config.batch_size:
                 break
             rows = (
@@ -407,6 +423,12 @@ def train(
     return TrainResult(out, value, best, best_step, key, metric, history)
 
 
+def _stalled(config: TrainConfig, step: int, best_step: int) -> bool:
+    """Validation has not improved for `patience` evaluations (a pure function of the resume
+    point, so a resumed run stops where the uninterrupted one did)."""
+    return config.patience > 0 and step - best_step >= config.patience * config.eval_every
+
+
 @jax.jit
 def _ema_update(average: jax.Array, trainable: Trainable, decay: float) -> jax.Array:
     """One step of the prompt's EMA [L, d] (one dispatch, the reparameterization included)."""
@@ -430,6 +452,10 @@ class _Fixed:
 
     task: Any
     examples: list
+
+    @property
+    def name(self) -> str:
+        return self.task.name
 
     def load(self, split: str) -> list:
         return self.examples

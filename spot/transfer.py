@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from library import KeyProtocol, NoProtocolWarning
 from library.prompt_file import decode_prompt
 from spot.backbones.base import Backbone, BackboneError
 from spot.evaluation import evaluate
+from spot.progress import progress_bar
 from spot.prompts import save_for_backbone
+from spot.task_embedding import embed_task
 from spot.tasks import Example, Task
 from spot.train import TrainConfig, TrainResult, train
 
@@ -29,12 +33,23 @@ STRATEGIES = ("best-of-k", "weighted", "mixture")
 MIXTURE_CAP = 10_000  # examples per source task in a mixture (T5's examples-proportional limit)
 
 
+class KeyWithoutValueWarning(UserWarning):
+    """Retrieval skipped a library key that was published without a value prompt."""
+
+
 class PromptSource(Protocol):
     """A local `library.Library` or a `retrieval_api.client` with the same query/read calls."""
 
-    def query(self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10) -> list: ...
+    def query(
+        self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10,
+        recipe: str | None = None,
+    ) -> list: ...
 
     def read_bytes(self, entry_id: str) -> bytes: ...
+
+    def protocol(
+        self, backbone: str, recipe: str | None = None
+    ) -> tuple[KeyProtocol, np.ndarray] | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,30 +77,66 @@ def relative_error_reduction(baseline: float, transfer: float) -> float:
     return (error - (100.0 - transfer)) / error
 
 
-def query_prompt(backbone: Backbone, task: Task, config: TrainConfig, out: Path) -> np.ndarray:
-    """Train the target for `config.key_step` steps from the same init as the sources: the query."""
+def query_prompt(
+    backbone: Backbone, task: Task, config: TrainConfig, out: Path, show_progress: bool = False
+) -> np.ndarray:
+    """Train the target for `config.key_step` steps from its own init: the query of a library
+    whose keys record no protocol (made that way before protocols)."""
     query_config = dataclasses.replace(config, steps=config.key_step, eval_every=config.key_step)
-    return train(backbone, task, query_config, out, show_progress=False).key
+    return train(backbone, task, query_config, out, show_progress=show_progress).key
+
+
+def task_query(
+    source: PromptSource, backbone: Backbone, task: Task, recipe: str | None = None,
+    legacy: tuple[TrainConfig, Path] | None = None, show_progress: bool = True,
+) -> np.ndarray:
+    """The target's key made exactly as the library's keys were (its protocol for `recipe`, or
+    its default). A library whose keys record no protocol needs `legacy`: (config, run dir) of
+    a `query_prompt` run."""
+    found = source.protocol(backbone.identity, recipe)
+    if found is not None:
+        return embed_task(backbone, task, *found, show_progress=show_progress)
+    if legacy is None:
+        raise ValueError(f"the library's keys for {backbone.identity} record no key protocol")
+    warnings.warn(
+        "the library's keys record no key protocol: the query is trained from the task's own "
+        "init, and similarities compare however each key was made", NoProtocolWarning,
+        stacklevel=2,
+    )
+    return query_prompt(backbone, task, *legacy, show_progress=show_progress)
 
 
 def retrieve(
     source: PromptSource, backbone: Backbone, query: np.ndarray, k: int = 3, metric: str = "token",
-    exclude: Sequence[str] = (),
+    exclude: Sequence[str] = (), recipe: str | None = None,
 ) -> list[Retrieved]:
-    """Top-k source keys of this backbone by `metric`, with their value prompts loaded."""
-    matches = source.query(query, backbone.identity, metric, k + len(exclude))
-    found = []
+    """Top-k source keys of this backbone by `metric`, with their value prompts loaded.
+
+    A key published without a value cannot initialise a target: it is skipped with a warning
+    (the k are filled from the next matches)."""
+    wanted = k + len(exclude)
+    while True:
+        matches = source.query(query, backbone.identity, metric, wanted, recipe)
+        usable = [m for m in matches if m.entry.task not in exclude and m.entry.pair]
+        if len(usable) >= k or len(matches) < wanted:
+            break
+        wanted *= 2  # keys without a value took places: look further down the ranking
+    found: list[Retrieved] = []
     for match in matches:
         entry = match.entry
+        if len(found) == k:
+            break
         if entry.task in exclude:
             continue
         if not entry.pair:
-            raise BackboneError(f"library key {entry.id} ({entry.task}) has no value prompt")
+            warnings.warn(f"skipped library key {entry.id} ({entry.task}): it has no value "
+                          "prompt", KeyWithoutValueWarning, stacklevel=2)
+            continue
         value, meta = decode_prompt(source.read_bytes(entry.pair))
         if meta.get("backbone") != backbone.identity:
             raise BackboneError(f"value {entry.pair} belongs to backbone {meta.get('backbone')}")
         found.append(Retrieved(entry.task, entry.id, entry.pair, float(match.similarity), value))
-    return found[:k]
+    return found
 
 
 def weighted_average(values: Sequence[np.ndarray], similarities: Sequence[float]) -> np.ndarray:
@@ -128,7 +179,8 @@ def mixture_task(target: Task, sources: Sequence[Task], seed: int = 0) -> Task:
 
 
 def train_from_prompt(
-    backbone: Backbone, task: Task, config: TrainConfig, out: Path, prompt: np.ndarray, source: str
+    backbone: Backbone, task: Task, config: TrainConfig, out: Path, prompt: np.ndarray, source: str,
+    show_progress: bool = False,
 ) -> TrainResult:
     """A target run initialised from `prompt` (saved beside the run, so it resumes)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -136,34 +188,48 @@ def train_from_prompt(
     if not init_file.is_file():
         save_for_backbone(init_file, prompt, backbone, task=source, role="value")
     run_config = dataclasses.replace(config, init=f"file:{init_file}", prompt_length=len(prompt))
-    return train(backbone, task, run_config, out / "run", show_progress=False)
+    return train(backbone, task, run_config, out / "run", show_progress=show_progress)
 
 
 def tune_target(
     backbone: Backbone, task: Task, retrieved: Sequence[Retrieved], strategy: str,
     config: TrainConfig, out: str | Path, source_tasks: Sequence[Task] = (),
+    show_progress: bool = False,
 ) -> TransferResult:
-    """Tune `task` from the retrieved sources with `strategy`; `source_tasks` feed the mixture."""
+    """Tune `task` from the retrieved sources with `strategy`; `source_tasks` feed the mixture.
+    `show_progress`: a row counting the runs above each run's own progress."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     if not retrieved:
         raise ValueError("nothing retrieved to transfer from")
     out = Path(out)
     runs: dict[str, TrainResult] = {}
-    if strategy == "best-of-k":
-        for r in retrieved:
-            runs[r.task] = train_from_prompt(backbone, task, config, out / f"from_{r.task}", r.value, r.task)
-    elif strategy == "weighted":
-        init = weighted_average([r.value for r in retrieved], [r.similarity for r in retrieved])
-        runs["weighted"] = train_from_prompt(backbone, task, config, out / "weighted", init, "weighted")
-    else:
-        if len(source_tasks) != len(retrieved):
-            raise ValueError("mixture needs the retrieved sources' tasks (source_tasks)")
-        mixed = mixture_task(task, source_tasks, config.seed)
-        first = train(backbone, mixed, dataclasses.replace(config, task=mixed.name),
-                      out / "mixture", show_progress=False)
-        runs["mixture"] = train_from_prompt(backbone, task, config, out / "mixture_target", first.value,
-                                    mixed.name)
+    planned = {"best-of-k": len(retrieved), "weighted": 1, "mixture": 2}[strategy]
+    with progress_bar(f"{strategy} runs", planned, enabled=show_progress) as bar:
+
+        def run(name: str, out_dir: Path, prompt: np.ndarray, source: str) -> TrainResult:
+            bar.update(len(runs), note=name)
+            result = train_from_prompt(backbone, task, config, out_dir, prompt, source,
+                                       show_progress)
+            bar.update(len(runs) + 1)
+            return result
+
+        if strategy == "best-of-k":
+            for r in retrieved:
+                runs[r.task] = run(f"from {r.task}", out / f"from_{r.task}", r.value, r.task)
+        elif strategy == "weighted":
+            init = weighted_average([r.value for r in retrieved],
+                                    [r.similarity for r in retrieved])
+            runs["weighted"] = run("weighted", out / "weighted", init, "weighted")
+        else:
+            if len(source_tasks) != len(retrieved):
+                raise ValueError("mixture needs the retrieved sources' tasks (source_tasks)")
+            mixed = mixture_task(task, source_tasks, config.seed)
+            bar.update(0, note="mixture")
+            first = train(backbone, mixed, dataclasses.replace(config, task=mixed.name),
+                          out / "mixture", show_progress=show_progress)
+            runs["mixture"] = run("mixture -> target", out / "mixture_target", first.value,
+                                  mixed.name)
     best = max(runs, key=lambda name: runs[name].value_score)
     summary = {name: run.value_score for name, run in runs.items()}
     (out / "transfer.json").write_text(json.dumps(
@@ -173,11 +239,15 @@ def tune_target(
     return TransferResult(strategy, list(retrieved), runs[best], summary)
 
 
-def held_out_score(backbone: Backbone, task: Task, run: TrainResult, limit: int | None) -> float:
+def held_out_score(
+    backbone: Backbone, task: Task, run: TrainResult, limit: int | None,
+    show_progress: bool = False,
+) -> float:
     """Primary test metric of a run's value prompt, cached in the run directory."""
     cache = run.out / f"test_{limit or 'all'}.json"
     if cache.is_file():
         return json.loads(cache.read_text())["score"]
-    score = evaluate(backbone, run.value, task, "test", limit=limit)[task.metrics[0]]
+    score = evaluate(backbone, run.value, task, "test", limit=limit,
+                     show_progress=show_progress)[task.metrics[0]]
     cache.write_text(json.dumps({"score": score, "metric": task.metrics[0]}))
     return score

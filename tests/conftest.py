@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -49,3 +51,40 @@ def make_tiny_llama(seed: int = 0, tie: bool = True, bos: bool = False):
 @pytest.fixture(scope="session")
 def tiny_llama():
     return make_tiny_llama()
+
+
+# ---- the `spot` command line in-process (tests/test_cli*.py)
+
+FILE = dict(prompt_length=4, batch_size=8, steps=8, key_step=4, eval_every=4, eval_examples=16,
+            max_length=32, learning_rate=0.05, schedule="linear", init="class_labels", seed=3)
+
+
+@pytest.fixture
+def cli(tiny_llama, monkeypatch, tmp_path):
+    """Run `spot ...` in-process on the tiny model: (invoke, tiny task names, a config file).
+    `invoke` asserts exit status 0 and returns the output; `invoke.loaded` lists the backbones."""
+    from tiny_tasks import register_tiny_tasks
+    from typer.testing import CliRunner
+
+    from spot import backbones
+    from spot.cli import app
+
+    names = register_tiny_tasks()
+    loaded: list[str] = []
+
+    def load(name: str = "smollm2-135m"):
+        loaded.append(str(name))
+        return tiny_llama
+
+    monkeypatch.setattr(backbones, "load", load)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"task": names[0], **FILE}))
+
+    def invoke(*args: str) -> str:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    invoke.loaded = loaded
+    yield invoke, names, config
+    logging.getLogger("spot.tasks").setLevel(logging.NOTSET)  # undo the level `spot` sets

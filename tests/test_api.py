@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +44,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(root: Path, log: Path) -> Server:
-    """Start `python -m retrieval_api` on a free loopback port and wait until it answers."""
+def start(root: Path, log: Path, extra: Sequence[str] = ()) -> Server:
+    """Start `python -m retrieval_api` (with `extra` arguments) on a free loopback port and wait
+    until it answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "SPOT_API_TOKENS": f"other,{TOKEN}"}
     argv = [
@@ -59,7 +60,7 @@ def start(root: Path, log: Path) -> Server:
         "--port",
         str(port),
     ]
-    argv += ["--log-level", "warning", "--max-upload-bytes", str(MAX_UPLOAD)]
+    argv += ["--log-level", "warning", "--max-upload-bytes", str(MAX_UPLOAD), *extra]
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, log)
@@ -87,8 +88,8 @@ def stop(server: Server) -> None:
 
 
 @contextmanager
-def serve(root: Path) -> Iterator[Server]:
-    server = start(root, root.parent / f"{root.name}.log")
+def serve(root: Path, extra: Sequence[str] = ()) -> Iterator[Server]:
+    server = start(root, root.parent / f"{root.name}.log", extra)
     try:
         yield server
     finally:

@@ -5,38 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_tasks import register_tiny_tasks
+from tiny_tasks import polarity_rows
 from typer.testing import CliRunner
 
 from library import Library
-from spot import backbones
 from spot.cli import app
-
-FILE = dict(prompt_length=4, batch_size=8, steps=8, key_step=4, eval_every=4, eval_examples=16,
-            max_length=32, learning_rate=0.05, schedule="linear", init="class_labels", seed=3)
-
-
-@pytest.fixture
-def cli(tiny_llama, monkeypatch, tmp_path):
-    """Run `spot ...` in-process on the tiny model; returns (invoke, task names, config file)."""
-    names = register_tiny_tasks()
-    loaded: list[str] = []
-
-    def load(name: str = backbones.DEFAULT_BACKBONE):
-        loaded.append(str(name))
-        return tiny_llama
-
-    monkeypatch.setattr(backbones, "load", load)
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"task": names[0], **FILE}))
-
-    def invoke(*args: str) -> str:
-        result = CliRunner().invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
-        return result.output
-
-    invoke.loaded = loaded
-    return invoke, names, config
+from spot.task_embedding import default_protocol, key_metadata
+from spot.tasks import get_task
 
 
 def run_config(run_dir) -> dict:
@@ -79,23 +54,81 @@ def test_train_keeps_the_file_backbone_unless_flagged(cli, tmp_path):
     assert run_config(tmp_path / "a")["key_step"] == 4  # the file's, not steps // 6
 
 
-def test_query_and_tune_target_train_with_the_config_file(cli, tmp_path):
+def publish_sources(invoke, sources, config, tmp_path):
+    """`spot train-source` each source into tmp_path/lib; returns the library's path."""
+    for source in sources:
+        invoke("train-source", "--task", source, "--out", tmp_path / source, "--library",
+               tmp_path / "lib", "--config", config)
+    return tmp_path / "lib"
+
+
+def test_query_and_tune_target_follow_the_library_protocol(cli, tmp_path):
     invoke, names, config = cli
-    library = tmp_path / "lib"
-    for source in (names[0], names[2]):
-        invoke("train-source", "--task", source, "--out", tmp_path / source, "--library", library,
-               "--config", config)
+    library = publish_sources(invoke, (names[0], names[2]), config, tmp_path)
+    (protocol, default), = Library(library).protocols()
+    assert protocol.recipe == "gradient" and default
     target = tmp_path / "target"
     invoke("tune-target", "--task", names[1], "--library", library, "--config", config,
-           "--out", target, "--k", 1, "--test-examples", 16, "--no-baseline")
+           "--out", target, "--k", 1, "--test-examples", 16, "--no-baseline", "--metric", "flat")
     transfer = json.loads((target / "best-of-k" / "transfer.json").read_text())
+    # names[1] holds the same rows as names[0]: the same protocol gives the same key
     assert [r["task"] for r in transfer["retrieved"]] == [names[0]]
-    for run_dir in (target / "query", target / "best-of-k" / f"from_{names[0]}" / "run"):
-        used = run_config(run_dir)
-        assert used["task"] == names[1]
-        assert (used["learning_rate"], used["schedule"], used["seed"]) == (0.05, "linear", 3)
-    assert run_config(target / "best-of-k" / f"from_{names[0]}" / "run")["eval_every"] == 4
-    query_out = invoke("query", "--task", names[1], "--library", library, "--config", config,
-                       "--out", tmp_path / "query", "--key-step", 2, "--k", 2)
-    assert run_config(tmp_path / "query")["steps"] == 2
-    assert names[2] in query_out  # k=2 of the two sources
+    assert transfer["retrieved"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert not (target / "query").exists()  # no query training under a protocol
+    used = run_config(target / "best-of-k" / f"from_{names[0]}" / "run")
+    assert used["task"] == names[1] and used["eval_every"] == 4
+    assert (used["learning_rate"], used["schedule"], used["seed"]) == (0.05, "linear", 3)
+    query_out = invoke("query", "--task", names[1], "--library", library, "--k", 2)
+    assert query_out.index(names[0]) < query_out.index(names[2])
+
+
+def test_rekey_adds_keys_of_another_recipe_and_resumes(cli, tmp_path):
+    invoke, names, config = cli
+    library = tmp_path / "lib"
+    invoke("train-source", "--task", names[0], "--out", tmp_path / "s", "--library", library,
+           "--config", config)
+    store = Library(library)
+    (value,) = store.list(role="value")
+    out = invoke("library", "rekey", library, "--recipe", "trained")
+    assert f"{names[0]}: keyed" in out
+    keys = store.list(role="key")
+    assert sorted(store.get(k.id).protocol for k in keys) == sorted(
+        p.id for p, _ in store.protocols())
+    assert all(k.pair == value.id for k in keys)
+    assert f"{names[0]}: already keyed" in invoke("library", "rekey", library, "--recipe", "trained")
+    (trained, _), = [(p, d) for p, d in store.protocols() if p.recipe == "trained"]
+    assert not _ and trained.steps > 0  # the first protocol (gradient) stays the default
+
+
+def test_rekey_reports_sources_whose_task_cannot_be_loaded(cli, tmp_path, tiny_llama):
+    invoke, names, config = cli
+    library = Library(tmp_path / "lib")
+    protocol, start = default_protocol(tiny_llama, "gradient")
+    library.register_protocol(protocol, start)
+    meta = {**key_metadata(protocol, get_task(names[0])), "task": "ghost"}
+    ghost = library.publish((start, meta), (start, {"backbone": tiny_llama.identity}),
+                            {"task": "ghost"})
+    result = CliRunner().invoke(app, ["library", "rekey", str(library.root), "--recipe", "trained"])
+    assert result.exit_code == 1
+    assert f"not rebuilt ghost (value {ghost.value})" in result.output
+    assert "1 source(s) could not be re-keyed" in result.output
+    assert library.count(role="key") == 1  # nothing written for it
+
+
+def test_library_commands_refuse_a_missing_library(cli, tmp_path):
+    result = CliRunner().invoke(app, ["library", "list", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "is not a prompt library" in " ".join(result.output.split())
+    assert not (tmp_path / "nope").exists()
+
+
+def test_query_takes_the_users_task_file(cli, tmp_path):
+    invoke, names, config = cli
+    library = publish_sources(invoke, (names[0], names[2]), config, tmp_path)
+    rows = [{"review": e.text, "label": e.choices[e.label].strip()} for e in polarity_rows(300, 9)]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = invoke("query", "--task", data, "--labels", "n,p", "--template", "{review}",
+                 "--library", library, "--k", 2, "--metric", "flat")
+    assert out.index(names[0]) < out.index(names[2])  # the polarity source ranks first
+    result = CliRunner().invoke(app, ["query", "--task", str(data), "--library", str(library)])
+    assert result.exit_code == 2 and "--labels" in result.output

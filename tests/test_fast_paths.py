@@ -1,5 +1,4 @@
-"""The Llama fast path (shared prefix, packing, pruned last layer, fused projections) equals the
-plain path.
+"""The Llama fast path (shared prefix, packing, cached prefixes) equals the plain path.
 
 `make_*_fn(..., _opts=None)` is the plain Flax path (the reference); every fast-path option is
 also checked switched off one at a time, so each optimisation is guarded on its own.
@@ -19,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spot.backbones import llama
+from spot.backbones import llama, llama_fast, llama_fns, llama_grad
 from spot.backbones.base import PACK_CHUNK
 from spot.batching import encode, make_batch, packed_layout
 from spot.tasks import Example
@@ -34,13 +33,11 @@ MULTI = [  # multi-token answers of different lengths -> the per-choice code pat
     Example("a much longer context that needs padding:", ("no", "yes!"), 0),
 ]
 OPTIONS = [
-    llama.FAST,
-    dataclasses.replace(llama.FAST, share_prefix=False),
-    dataclasses.replace(llama.FAST, prune_last=not llama.FAST.prune_last),
-    dataclasses.replace(llama.FAST, fuse=not llama.FAST.fuse),
-    dataclasses.replace(llama.FAST, unroll=True),
+    llama_fast.FAST,
+    dataclasses.replace(llama_fast.FAST, share_prefix=False),
+    dataclasses.replace(llama_fast.FAST, unroll=True),
 ]
-IDS = ["fast", "no-share", "toggle-prune", "toggle-fuse", "unrolled"]
+IDS = ["fast", "no-share", "unrolled"]
 
 
 def batch_for(b, examples, pack=False):
@@ -62,9 +59,9 @@ def fns(b, opts):
     cfg, bos = b.config, b.bos_id
     if (cfg, bos, opts) not in _FNS:
         _FNS[cfg, bos, opts] = (
-            jax.jit(llama.make_score_fn(cfg, bos, opts)), jax.jit(llama.make_loss_fn(cfg, bos, opts)),
-            jax.jit(jax.grad(llama.make_loss_fn(cfg, bos, opts), argnums=1)),
-            jax.jit(llama.make_logits_fn(cfg, bos, opts)))
+            jax.jit(llama_fns.make_score_fn(cfg, bos, opts)), jax.jit(llama_fns.make_loss_fn(cfg, bos, opts)),
+            jax.jit(jax.grad(llama_fns.make_loss_fn(cfg, bos, opts), argnums=1)),
+            jax.jit(llama_fns.make_logits_fn(cfg, bos, opts)))
     return _FNS[cfg, bos, opts]
 
 
@@ -90,7 +87,7 @@ def assert_paths_agree(b, opts, examples, prompt_kinds=("shared", "per_row", "em
 @pytest.mark.parametrize("opts", OPTIONS, ids=IDS)
 def test_fast_path_equals_plain_path(tiny_llama, opts):
     # the options change how a shared prompt runs; per-row and empty prompts are checked once
-    kinds = ("shared", "per_row", "empty") if opts == llama.FAST else ("shared",)
+    kinds = ("shared", "per_row", "empty") if opts == llama_fast.FAST else ("shared",)
     assert_paths_agree(tiny_llama, opts, EXAMPLES, kinds)
 
 
@@ -99,12 +96,12 @@ def test_fast_path_multi_token_answers_and_bos():
 
     b = make_tiny_llama(bos=True)
     assert batch_for(b, MULTI)["choices"].shape[-1] > 1
-    assert_paths_agree(b, llama.FAST, MULTI, ("shared", "per_row"))
+    assert_paths_agree(b, llama_fast.FAST, MULTI, ("shared", "per_row"))
 
 
 @pytest.mark.parametrize("bos,examples", [(False, EXAMPLES), (True, MULTI * 2)], ids=["one-token", "multi"])
 def test_prompt_groups_equal_per_row_prompts(bos, examples):
-    """Per-row prompts in groups of equal rows (`prompt_rows`, `prompt_index`, as spot.serve
+    """Per-row prompts in groups of equal rows (`prompt_rows`, `prompt_index`, as spot.predict
     sends them) run each distinct prompt once as a prefix; scores equal the plain per-row path.
     The first-rows array is padded with a repeat (an unused prefix stream), as serving pads it."""
     from conftest import make_tiny_llama
@@ -116,7 +113,7 @@ def test_prompt_groups_equal_per_row_prompts(bos, examples):
     batch = batch_for(b, examples)
     grouped = dict(batch, prompt_rows=np.array([0, 1, 0, 0], np.int32),
                    prompt_index=index.astype(np.int32))
-    score, plain = fns(b, llama.FAST)[0], fns(b, None)[0]
+    score, plain = fns(b, llama_fast.FAST)[0], fns(b, None)[0]
     np.testing.assert_allclose(score(b.params, per_row, grouped), plain(b.params, per_row, batch),
                                atol=1e-5)
     # the groups are what the rows read: swapped groups give other scores
@@ -129,7 +126,7 @@ def test_prompt_groups_equal_per_row_prompts(bos, examples):
 def test_prefix_states_equal_running_the_prompt(bos, examples):
     """`prefix_states(prompt)` (each layer's keys/values of [BOS] + prompt) scores like the
     prompt itself: one prompt's states for every row, and n stacked states with each row's
-    `prompt_index` (padded with a repeat, as spot.serve pads them) like per-row prompts."""
+    `prompt_index` (padded with a repeat, as spot.predict pads them) like per-row prompts."""
     from conftest import make_tiny_llama
 
     b = make_tiny_llama(bos=bos)
@@ -168,7 +165,7 @@ def test_packed_batches_equal_padded_batches(bos, examples):
     padded, packed = batch_for(b, examples), batch_for(b, examples, pack=True)
     assert "pack" in packed and packed["tokens"].shape[1] > padded["tokens"].shape[1]
     assert packed["pack"].shape[0] < packed["mask"].size  # fewer columns than the padded layout
-    score, loss, grad, _ = fns(b, llama.FAST)
+    score, loss, grad, _ = fns(b, llama_fast.FAST)
     shared, per_row = prompts(b.d_model)["shared"], prompts(b.d_model)["per_row"][: len(examples)]
     np.testing.assert_allclose(score(b.params, shared, packed), score(b.params, shared, padded),
                                atol=1e-5)
@@ -192,7 +189,7 @@ def test_banded_attention_equals_attention_over_the_whole_stream():
     window = packed["pack_window"].shape[0]
     assert window == 128 and window + PACK_CHUNK < packed["pack"].shape[0]  # blocks see part of it
     prompt = prompts(b.d_model)["shared"]
-    band, dense = fns(b, llama.FAST), fns(b, dataclasses.replace(llama.FAST, band=False))
+    band, dense = fns(b, llama_fast.FAST), fns(b, dataclasses.replace(llama_fast.FAST, band=False))
     for fn in (band[0], dense[0]):
         np.testing.assert_allclose(fn(b.params, prompt, packed), band[0](b.params, prompt, padded),
                                    atol=1e-5)
@@ -230,8 +227,8 @@ def test_default_functions_use_the_fast_path(tiny_llama):
     b = tiny_llama
     args = (b.params, jnp.ones((4, b.d_model)), batch_for(b, EXAMPLES))
     default = str(jax.make_jaxpr(b.loss_fn)(*args))
-    assert default == str(jax.make_jaxpr(llama.make_loss_fn(b.config, None, llama.FAST))(*args))
-    assert default != str(jax.make_jaxpr(llama.make_loss_fn(b.config, None, None))(*args))
+    assert default == str(jax.make_jaxpr(llama_fns.make_loss_fn(b.config, None, llama_fast.FAST))(*args))
+    assert default != str(jax.make_jaxpr(llama_fns.make_loss_fn(b.config, None, None))(*args))
 
 
 def test_dropout_falls_back_to_the_plain_path(tiny_llama):
@@ -240,10 +237,10 @@ def test_dropout_falls_back_to_the_plain_path(tiny_llama):
     batch = batch_for(b, EXAMPLES)
     prompt = prompts(b.d_model)["shared"]
     rng = jax.random.PRNGKey(7)
-    fast = llama.make_loss_fn(config, None)(b.params, prompt, batch, rng)
-    plain = llama.make_loss_fn(config, None, None)(b.params, prompt, batch, rng)
+    fast = llama_fns.make_loss_fn(config, None)(b.params, prompt, batch, rng)
+    plain = llama_fns.make_loss_fn(config, None, None)(b.params, prompt, batch, rng)
     np.testing.assert_allclose(fast, plain, rtol=1e-6)
-    deterministic = llama.make_loss_fn(b.config, None, None)(b.params, prompt, batch, None)
+    deterministic = llama_fns.make_loss_fn(b.config, None, None)(b.params, prompt, batch, None)
     assert abs(float(fast) - float(deterministic)) > 1e-4  # dropout really is active
 
 
@@ -287,7 +284,7 @@ def test_train_step_keeps_no_stacked_copy_of_the_weights():
     config = dataclasses.replace(b.config, num_layers=5)
     params = llama.init_params(config, 0)
     batch = batch_for(b, EXAMPLES)
-    grad = jax.jit(jax.grad(llama.make_loss_fn(config, None), argnums=1))
+    grad = jax.jit(jax.grad(llama_fns.make_loss_fn(config, None), argnums=1))
     hlo = grad.lower(params, prompts(b.d_model)["shared"], batch, None).compile().as_text()
     stacked = {x.shape for x in jax.tree_util.tree_leaves(params["layers"]) if x.ndim == 3}
     for layers, rows, cols in stacked:
@@ -311,11 +308,11 @@ def test_fast_path_on_smollm2():
     assert "pack" in packed  # the fast path runs the packed stream, the plain path the padding
     prompt = np.asarray(b.embedding_table[100:120]) + 0.0
     cfg = b.config
-    for make, atol in ((llama.make_score_fn, 2e-3), (llama.make_loss_fn, 2e-3)):
+    for make, atol in ((llama_fns.make_score_fn, 2e-3), (llama_fns.make_loss_fn, 2e-3)):
         np.testing.assert_allclose(jax.jit(make(cfg, b.bos_id))(b.params, prompt, packed),
                                    jax.jit(make(cfg, b.bos_id, None))(b.params, prompt, batch), atol=atol)
-    grads = [jax.jit(jax.grad(llama.make_loss_fn(cfg, b.bos_id, opts), argnums=1))(b.params, prompt, x)
-             for opts, x in ((llama.FAST, packed), (None, batch))]
+    grads = [jax.jit(jax.grad(llama_fns.make_loss_fn(cfg, b.bos_id, opts), argnums=1))(b.params, prompt, x)
+             for opts, x in ((llama_fast.FAST, packed), (None, batch))]
     assert np.linalg.norm(grads[0] - grads[1]) <= 1e-3 * np.linalg.norm(grads[1])
 
 
@@ -337,7 +334,7 @@ def test_attention_backward_equals_autodiff(b, groups, tq, tk):
         return jnp.einsum("bhgqk,bkhd->bqhgd", jax.nn.softmax(logits, axis=-1), v)
 
     def ours(q, k, v):
-        return llama._attention(q, k, v, bias, scale)
+        return llama_fast._attention(q, k, v, bias, scale)
 
     def grads(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a) * cotangent), argnums=(0, 1, 2))(q, k, v)
@@ -360,12 +357,12 @@ def test_layerwise_prompt_grad_equals_the_jitted_gradient(bos, examples, pack):
     batch = batch_for(b, examples, pack=pack)
     assert ("pack" in batch) == pack
     prompt = prompts(b.d_model)["shared"]
-    plain = jax.jit(jax.value_and_grad(llama.make_loss_fn(b.config, b.bos_id, None), argnums=1))
+    plain = jax.jit(jax.value_and_grad(llama_fns.make_loss_fn(b.config, b.bos_id, None), argnums=1))
     plain_loss, plain_grad = plain(b.params, prompt, batch_for(b, examples))
-    for opts in (llama.FAST, dataclasses.replace(llama.FAST, share_prefix=False)):
-        grad_of = llama.make_prompt_grad(b.config, b.bos_id, b.params, opts)
+    for opts in (llama_fast.FAST, dataclasses.replace(llama_fast.FAST, share_prefix=False)):
+        grad_of = llama_grad.make_prompt_grad(b.config, b.bos_id, b.params, opts)
         loss, grad = grad_of(prompt, batch)
-        ref_loss, ref_grad = jax.jit(jax.value_and_grad(llama.make_loss_fn(b.config, b.bos_id, opts),
+        ref_loss, ref_grad = jax.jit(jax.value_and_grad(llama_fns.make_loss_fn(b.config, b.bos_id, opts),
                                                         argnums=1))(b.params, prompt, batch)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
@@ -380,13 +377,13 @@ def test_layerwise_calls_read_weights_in_place_and_compute_no_weight_gradients(t
     weight-gradient-shaped dots."""
     b = tiny_llama
     batch, prompt = batch_for(b, EXAMPLES, pack=True), prompts(b.d_model)["shared"]
-    layers = llama.split_layers(b.params)
+    layers = llama_grad.split_layers(b.params)
     np.testing.assert_array_equal(layers[1]["mlp"]["up"]["kernel"],
                                   b.params["layers"]["mlp"]["up"]["kernel"][1])
-    calls = llama._layer_calls(b.config, b.bos_id, llama.FAST)
+    calls = llama_grad._layer_calls(b.config, b.bos_id, llama_fast.FAST)
     carry, stream, _ = calls.start(b.params, prompt, batch)
     out, saved = calls.forward(layers[0], carry, stream)
-    tree, where = calls.layouts[llama._signature(layers[0], carry, stream)]
+    tree, where = calls.layouts[llama_grad._signature(layers[0], carry, stream)]
     kernels = [i for i, w in enumerate(jax.tree_util.tree_leaves(layers[0])) if w.ndim == 2]
     assert len(kernels) == 7 and set(kernels) <= set(where)  # q, k, v, o, gate, up, down
     assert len(saved) == where.count(-1)
@@ -398,11 +395,11 @@ def test_layerwise_calls_read_weights_in_place_and_compute_no_weight_gradients(t
 
 def test_prompt_grad_factory_only_where_the_layerwise_gradient_applies(tiny_llama):
     """The loader's `prompt_grad_fn` comes from `prompt_grad_factory`: none for the plain path,
-    dropout or the scan-only options (the trainer then runs one jitted program)."""
+    dropout or the scan-only option `unroll` (the trainer then runs one jitted program)."""
     cfg, bos = tiny_llama.config, tiny_llama.bos_id
     assert tiny_llama.prompt_grad_fn is not None
-    assert llama.prompt_grad_factory(cfg, bos) is not None
-    assert llama.prompt_grad_factory(cfg, bos, None) is None
-    assert llama.prompt_grad_factory(dataclasses.replace(cfg, dropout_rate=0.1), bos) is None
-    for scan_only in (dict(unroll=True), dict(prune_last=True)):
-        assert llama.prompt_grad_factory(cfg, bos, dataclasses.replace(llama.FAST, **scan_only)) is None
+    assert llama_grad.prompt_grad_factory(cfg, bos) is not None
+    assert llama_grad.prompt_grad_factory(cfg, bos, None) is None
+    assert llama_grad.prompt_grad_factory(dataclasses.replace(cfg, dropout_rate=0.1), bos) is None
+    unrolled = dataclasses.replace(llama_fast.FAST, unroll=True)
+    assert llama_grad.prompt_grad_factory(cfg, bos, unrolled) is None

@@ -282,12 +282,12 @@ def test_hnsw_index_on_small_library(tmp_path: Path) -> None:
     lib.publish_many([(prompt(), None, meta(task=f"t{i}")) for i in range(200)])
     for metric in ("mean", "token"):
         assert_matches_brute_force(lib, prompt(), "tiny", metric, 10)
-    assert sorted(lib.rebuild()) == ["tiny/mean.hnsw", "tiny/token.hnsw"]
+    assert sorted(lib.rebuild()) == ["tiny/none.mean.hnsw", "tiny/none.token.hnsw"]
 
 
 def _ivf_lists(lib: Library, metric: str) -> int:
     """Inverted lists of the library's cached IVF index of "tiny" keys (0 while it is flat)."""
-    index = lib._cache[("tiny", metric, "ivf")][0]
+    index = lib._cache[("tiny", "none", metric, "ivf")][0]
     assert index.kind == "ivf"
     return index.index.nlist if isinstance(index.index, faiss.IndexIVF) else 0
 
@@ -320,7 +320,7 @@ def test_ivf_index_follows_publishes_deletes_and_rebuilds(tmp_path: Path) -> Non
     grow(720, "c")
     check(reader, ivf_nlist(1400))  # twice the lists: retrained
     check(Library(tmp_path, index_kind="ivf"), ivf_nlist(1400))  # as saved
-    assert sorted(reader.rebuild()) == ["tiny/mean.ivf", "tiny/token.ivf"]
+    assert sorted(reader.rebuild()) == ["tiny/none.mean.ivf", "tiny/none.token.ivf"]
     check(reader, ivf_nlist(1400))
     assert_matches_brute_force(reader, query, "tiny", "token", 10)
     assert reader.verify().ok and reader.verify(repair=False).stale_indexes == []

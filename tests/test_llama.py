@@ -181,7 +181,7 @@ def test_parity_with_transformers_llama(tmp_path):
     ids = np.random.default_rng(0).integers(0, 97, (2, 11))
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()
-    from spot.backbones.llama import make_logits_fn
+    from spot.backbones.llama_fns import make_logits_fn
 
     got = make_logits_fn(ours.config, None)(ours.params, jnp.zeros((0, 48)), jnp.asarray(ids),
                                             jnp.ones(ids.shape, jnp.int32))

@@ -24,7 +24,7 @@ def smollm2():
 
 
 def test_greedy_capital_of_france(smollm2):
-    from spot.backbones.llama import greedy_generate
+    from spot.backbones.llama_fns import greedy_generate
 
     assert greedy_generate(smollm2, "The capital of France is", 3).strip().startswith("Paris")
 

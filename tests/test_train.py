@@ -301,3 +301,16 @@ def test_layerwise_step_equals_the_one_program_step(tiny_llama, reparameterizati
         ends.append((trainable, state, loss))
     for a, b in zip(*(jax.tree_util.tree_leaves(end) for end in ends), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_patience_stops_a_run_that_no_longer_improves_and_resume_agrees(tiny_llama, tmp_path):
+    config = TrainConfig(task="tiny_polarity", prompt_length=4, batch_size=8, steps=40,
+                         key_step=2, eval_every=2, eval_examples=16, max_length=32,
+                         learning_rate=1e-9, patience=2)
+    result = train(tiny_llama, polarity_task(), config, tmp_path / "run", show_progress=False)
+    steps = [record["step"] for record in result.history]
+    assert result.value_step == 2 and steps == [2, 4, 6]  # no gain at 4 or 6: stop
+    again = train(tiny_llama, polarity_task(), config, tmp_path / "run", show_progress=False)
+    assert [record["step"] for record in again.history] == steps  # resuming does not go on
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(task="t", patience=-1)

@@ -42,7 +42,7 @@ def enable_compilation_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax-compilation-cache"))
     # JAX skips programs that compile in under 1 s; the per-layer calls of the layer-by-layer
-    # train step (spot.backbones.llama.make_prompt_grad) take less, and a process compiles them
+    # train step (spot.backbones.llama_grad.make_prompt_grad) take less, and a process compiles them
     # for every batch shape it meets
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 

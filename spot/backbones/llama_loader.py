@@ -11,14 +11,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from spot.backbones.base import Backbone, BackboneError, Params, backbone_identity
-from spot.backbones.llama import (
-    LlamaConfig,
-    make_loss_fn,
-    make_prefix_fn,
-    make_score_fn,
-    prompt_grad_factory,
-    to_config,
-)
+from spot.backbones.llama import LlamaConfig, to_config
+from spot.backbones.llama_fns import make_loss_fn, make_prefix_fn, make_score_fn
+from spot.backbones.llama_grad import prompt_grad_factory
 from spot.backbones.llama_weights import params_from_hf, read_hf_dir
 
 

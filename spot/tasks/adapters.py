@@ -36,7 +36,7 @@ def _plain(value: Any) -> Any:
 
 
 def task_from_hf_datasets(
-    path: str,
+    path: Any,
     *,
     name: str,
     labels: Sequence[str],
@@ -48,12 +48,17 @@ def task_from_hf_datasets(
     family: str = "user",
     metrics: Sequence[str] = ("accuracy",),
 ) -> Task:
-    """A Task over a Hub dataset; split_names maps our splits to the dataset's (train+test at least).
+    """A Task over a Hub dataset (`path`: its name or local path), or an in-memory
+    `datasets.DatasetDict` or `datasets.Dataset` (one split: carved like a single file).
 
-    Integer ClassLabel values compare as "0", "1", ... against `labels`.
+    split_names maps our splits to the dataset's (train+test at least; absent ones of a
+    DatasetDict are skipped). Integer ClassLabel values compare as "0", "1", ... against `labels`.
     """
     datasets = _require("datasets")
     fmt = RowFormat.build(template, label_field, labels, choices)
+
+    def rows(data: Any, where: str) -> Rows:
+        return ((f"{where}[{i}]", row) for i, row in enumerate(data))
 
     def source(split: str) -> Rows:
         try:
@@ -63,11 +68,22 @@ def task_from_hf_datasets(
             raise TaskError(
                 f"{name}: could not load {path!r} split {split!r}: {error}"
             ) from error
-        return ((f"{path}[{split}][{i}]", row) for i, row in enumerate(data))
+        return rows(data, f"{path}[{split}]")
 
-    sources = {
-        ours: (lambda s=theirs: source(s)) for ours, theirs in split_names.items()
-    }
+    if isinstance(path, datasets.Dataset):
+        sources = {"all": lambda: rows(path, name)}
+    elif isinstance(path, datasets.DatasetDict):
+        sources = {
+            ours: (lambda s=theirs: rows(path[s], f"{name}[{s}]"))
+            for ours, theirs in split_names.items() if theirs in path
+        }
+    elif isinstance(path, str):
+        sources = {
+            ours: (lambda s=theirs: source(s)) for ours, theirs in split_names.items()
+        }
+    else:
+        raise TaskError(f"{name}: expected a dataset name, Dataset or DatasetDict, "
+                        f"got {type(path).__name__}")
     return rows_task(name, fmt, sources, family, metrics)
 
 

@@ -44,7 +44,8 @@ TEST_FRACTION = 0.2
 log = logging.getLogger("spot.tasks")
 
 # BIG-bench task -> (answer set in choice order, metrics). Chosen for a fixed answer set and
-# >= 180 usable examples, spread over sentiment/emotion, pragmatics, NLI, logic, commonsense.
+# >= 180 usable examples, spread over sentiment/emotion, pragmatics, NLI, logic, commonsense,
+# fact checking (vitaminc) and word order (hyperbaton, which BIG-bench tags "paraphrase").
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "social_support": (
         ("unsupportive", "neutral", "supportive"),
@@ -65,6 +66,8 @@ TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "strategyqa": (("No", "Yes"), ("accuracy",)),
     "winowhy": (("incorrect", "correct"), ("accuracy",)),
     "anachronisms": (("No", "Yes"), ("accuracy",)),
+    "vitaminc_fact_verification": (("True", "False", "Neither"), ("accuracy",)),
+    "hyperbaton": (("a", "b"), ("accuracy",)),
     "intent_recognition": (
         (
             "add_to_playlist",

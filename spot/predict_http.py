@@ -1,5 +1,5 @@
 """`POST /v1/predict` on any FastAPI app (e.g. `retrieval_api.create_app(...)`), backed by a
-`spot.serve.Predictor`. This module imports JAX through `spot.serve`; `retrieval_api` never does.
+`spot.predict.Predictor`. This module imports JAX through `spot.predict`; `retrieval_api` never does.
 
 Request body (JSON)::
 
@@ -7,7 +7,7 @@ Request body (JSON)::
                   {"prompt_id": "<library entry id>", "text": "...", "choices": [" no", " yes"]}]}
 
 Each item names exactly one of `prompt_id` / `task`; `text` is formatted like the task's
-`Example.text` (see `spot.serve`). Response::
+`Example.text` (see `spot.predict`). Response::
 
     {"predictions": [{"label": " positive", "index": 1, "scores": [-3.1, -0.7],
                       "choices": [" negative", " positive"], "prompt_id": "...", "task": "sst2"}]}
@@ -25,7 +25,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from spot.serve import BackboneMismatch, Prediction, Predictor, PromptNotFound, Request, ServeError
+from spot.predict import (
+    BackboneMismatch,
+    Prediction,
+    Predictor,
+    PromptNotFound,
+    Request,
+    ServeError,
+)
 
 MAX_REQUESTS = 1024  # items per call
 MAX_TEXT = 100_000  # characters per text

@@ -1,5 +1,5 @@
-"""Serving (spot.serve), prompt interpretation (spot.interpret) and POST /v1/predict, on the
-tiny random Llama with a byte tokenizer (one token per byte)."""
+"""Mixed-task prediction (spot.predict), prompt interpretation (spot.interpret) and
+POST /v1/predict, on the tiny random Llama with a byte tokenizer (one token per byte)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from library import Library
 from spot.batching import encode
 from spot.evaluation import evaluate, score_encoded
 from spot.interpret import inspect_prompt, render
-from spot.serve import (
+from spot.predict import (
     BackboneMismatch,
     Predictor,
     PromptNotFound,
@@ -22,7 +22,7 @@ from spot.serve import (
     combine,
     ensemble_report,
 )
-from spot.serve_http import add_predict_route
+from spot.predict_http import add_predict_route
 from spot.tasks import Example, Task, register_task
 
 WORDS = ["film", "a plot", "it was", "bad", "fun", "so dull", "fine", "ok"]  # contexts <= 16 bytes:

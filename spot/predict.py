@@ -1,4 +1,4 @@
-"""Serving many tasks from one frozen backbone: mixed-task batches, prompt ensembles.
+"""Predicting many tasks with one frozen backbone: mixed-task batches, prompt ensembles.
 
 A request names a prompt (a library entry id, or a task name that resolves to a prompt) and
 carries the input text **already formatted** the way the task's loader formats it (e.g. sst2:
