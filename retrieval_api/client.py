@@ -31,6 +31,8 @@ from library.prompt_file import Metadata, metadata_strings
 from library.protocol import ProtocolMismatch, check_start, start_bytes
 from library.store import PromptLike, as_prompt
 
+CONNECT_RETRIES = 3
+
 
 class ApiError(LibraryError):
     """The service refused the request or failed; `status` is the HTTP status code."""
@@ -45,7 +47,11 @@ class RetrievalClient:
 
     def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+        # connection errors (refused, reset before a response) are retried: every call is
+        # idempotent, publish included (ids are content hashes)
+        transport = httpx.HTTPTransport(retries=CONNECT_RETRIES)
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout,
+                                  transport=transport)
 
     def close(self) -> None:
         self._http.close()

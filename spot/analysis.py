@@ -8,7 +8,8 @@ A study folder holds
 
 Conventions used throughout:
 - relative error reduction (RER) = (e_base - e_transfer) / e_base with e = 100 - score; a perfect
-  baseline (e_base <= 0) has nothing to reduce and gives 0.0 (same as `spot.transfer`).
+  baseline (e_base <= 0) has nothing to reduce and gives 0.0 (`relative_error_reduction`, the one
+  implementation: `spot.transfer` and `spot.study` use it).
 - means over seeds first (per source x target pair), then over targets, so every target weighs
   the same whatever its number of seeds; std is the sample std (ddof=1), NaN for a single seed.
 - self-transfer rows (source == target, a task with role "both") stay in `Study.rows` and in the
@@ -31,7 +32,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-METRICS = ("mean", "token")
+STUDY_METRICS = ("mean", "token")  # what a study records (sim_mean, sim_token): a subset of
+# library.similarity.METRICS, the metrics a library can query by
 ROLES = ("source", "target", "both")
 RESULTS_FILE = "results.jsonl"
 SIMILARITY_FILE = "similarity.jsonl"
@@ -52,8 +54,19 @@ class StudyError(ValueError):
     """A study file is missing or malformed; the message names the file and line."""
 
 
+class _KeySimilarities:
+    """The similarities of a source key and a target query, by metric."""
+
+    sim_mean: float
+    sim_token: float
+
+    def sim(self, metric: str) -> float:
+        """The `metric` similarity of the source key and the target query."""
+        return self.sim_mean if _check_metric(metric) == "mean" else self.sim_token
+
+
 @dataclass(frozen=True)
-class Row:
+class Row(_KeySimilarities):
     """One (source, target, seed) transfer."""
 
     source: str
@@ -66,10 +79,6 @@ class Row:
     relative_error_reduction: float
     sim_mean: float
     sim_token: float
-
-    def sim(self, metric: str) -> float:
-        """The `metric` similarity of the source key and the target query."""
-        return self.sim_mean if _check_metric(metric) == "mean" else self.sim_token
 
     @property
     def self_transfer(self) -> bool:
@@ -130,8 +139,8 @@ def _ordered(names: Iterable[str], order: Sequence[str]) -> list[str]:
 
 
 def _check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"unknown similarity metric {metric!r}; choose one of {METRICS}")
+    if metric not in STUDY_METRICS:
+        raise ValueError(f"unknown similarity metric {metric!r}; choose one of {STUDY_METRICS}")
     return metric
 
 
@@ -215,14 +224,14 @@ def _load_results(path: Path, notes: list[str]) -> list[Row]:
 
 
 def _load_similarity(path: Path, tasks: set[str]) -> dict[str, dict[tuple[str, str], float]]:
-    table: dict[str, dict[tuple[str, str], float]] = {metric: {} for metric in METRICS}
+    table: dict[str, dict[tuple[str, str], float]] = {metric: {} for metric in STUDY_METRICS}
     lines: dict[tuple[str, str, str], int] = {}
     for number, raw in _read_jsonl(path):
         where = f"{path.name} line {number}"
         values = _typed(raw, _SIMILARITY_FIELDS, where)
         metric, a, b = values["metric"], values["a"], values["b"]
-        if metric not in METRICS:
-            raise StudyError(f"{where}: metric {metric!r} is not one of {METRICS}")
+        if metric not in STUDY_METRICS:
+            raise StudyError(f"{where}: metric {metric!r} is not one of {STUDY_METRICS}")
         if abs(values["similarity"]) > 1.0 + _COSINE_SLACK:
             raise StudyError(f"{where}: similarity {values['similarity']} is not a cosine")
         if (metric, a, b) in lines:
@@ -318,7 +327,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class PairStats:
+class PairStats(_KeySimilarities):
     """One source -> target pair aggregated over its seeds (std: ddof=1, NaN for one seed)."""
 
     source: str
@@ -332,9 +341,6 @@ class PairStats:
     rer_std: float
     sim_mean: float
     sim_token: float
-
-    def sim(self, metric: str) -> float:
-        return self.sim_mean if _check_metric(metric) == "mean" else self.sim_token
 
 
 def aggregate(study: Study) -> list[PairStats]:
@@ -517,7 +523,7 @@ class RetrievalRow:
 
 def retrieval_table(study: Study) -> list[RetrievalRow]:
     """The retrieval curves of both metrics side by side, one row per k."""
-    mean, token = (retrieval_curve(study, metric) for metric in METRICS)
+    mean, token = (retrieval_curve(study, metric) for metric in STUDY_METRICS)
     return [RetrievalRow(int(k), float(a), float(b), float(c))
             for k, a, b, c in zip(mean.ks, mean.mean, token.mean, mean.random, strict=True)]
 
@@ -587,7 +593,7 @@ def format_table(rows: Sequence[Any], columns: Sequence[str] | None = None, digi
 
 
 __all__ = [
-    "ALL_TARGETS", "METRICS", "Correlation", "PairStats", "RetrievalCurve", "RetrievalRow",
+    "ALL_TARGETS", "STUDY_METRICS", "Correlation", "PairStats", "RetrievalCurve", "RetrievalRow",
     "Row", "Study", "StudyError", "SummaryRow", "aggregate", "correlations",
     "expected_random_best", "format_table", "load_study", "pearson", "relative_error_reduction",
     "rer_matrix", "retrieval_curve", "retrieval_table", "similarity_matrix", "summary_table",

@@ -185,21 +185,3 @@ def train_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     epoch, offset = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[offset * batch_size : (offset + 1) * batch_size]
-
-
-def balanced_train_rows(labels: np.ndarray, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Row ids of training step `step` with the classes taking turns slot by slot (4 + 4 in a
-    batch of 8 for two classes), whatever their shares in `labels` [n]. Each class is read in
-    epochs of its own seeded permutations: a pure function of step, like `train_rows`."""
-    classes = np.unique(labels)
-    slots = np.arange(step * batch_size, (step + 1) * batch_size)
-    rows = np.empty(batch_size, np.int64)
-    for index, label in enumerate(classes):
-        members = np.flatnonzero(labels == label)
-        mine = np.flatnonzero(slots % len(classes) == index)
-        epochs, offsets = np.divmod(slots[mine] // len(classes), len(members))  # class stream
-        for epoch in np.unique(epochs):
-            order = np.random.default_rng([seed, index, epoch]).permutation(len(members))
-            at = epochs == epoch
-            rows[mine[at]] = members[order[offsets[at]]]
-    return rows

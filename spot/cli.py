@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import logging
+import typing
 from collections.abc import Callable
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spot.train import TrainingError
+from spot.train import TrainConfig, TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPoT: soft prompt transfer.")
 console = Console()
@@ -35,6 +37,9 @@ Backbone = Annotated[str, typer.Option(help="registered name or checkpoint direc
 ConfigBackbone = Annotated[str | None, typer.Option(
     help="registered name or checkpoint directory (default: the config file's, else smollm2-135m)")]
 ConfigFile = Annotated[Path | None, typer.Option(help="JSON TrainConfig; flags override it")]
+# The TrainConfig fields every training command takes as options (--task and --backbone are
+# declared by each command, with their own help).
+TRAIN_FIELDS = tuple(f for f in dataclasses.fields(TrainConfig) if f.name not in ("task", "backbone"))
 
 
 TASK_HELP = ("registered task name; a .jsonl/.csv/.tsv file (with --labels, --template, "
@@ -135,14 +140,35 @@ def options(
     logging.getLogger("spot.tasks").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
-def _train_config(config: Path | None, defaults: dict, **flags):
-    """A TrainConfig from the config file (or `defaults` without one), flags that are not None win."""
-    from spot.train import TrainConfig
+def _field_help(field: dataclasses.Field) -> str:
+    """A TrainConfig field's help, with its default and the backbones' recommended values."""
+    from spot.backbones import RECOMMENDED
 
-    given = {k: v for k, v in flags.items() if v is not None}
-    if config is not None:
-        return TrainConfig.from_file(config, **given)
-    return TrainConfig(**{**defaults, **given})
+    notes = [] if field.default is None else [f"default {field.default}"]
+    notes += [f"{name}: {values[field.name]}" for name, values in RECOMMENDED.items()
+              if field.name in values]
+    return f"{field.metadata['help']} ({'; '.join(notes)})" if notes else field.metadata["help"]
+
+
+def _train_options(command: F) -> F:
+    """Give `command` one option per TrainConfig field in `TRAIN_FIELDS` (help from the field;
+    None: not given), passed to it together as `train_fields`, for `TrainConfig.build`."""
+    hints = typing.get_type_hints(TrainConfig)
+    declared = signature(command, eval_str=True)
+    kept = [p for p in declared.parameters.values() if p.name != "train_fields"]
+    added = [Parameter(f.name, Parameter.KEYWORD_ONLY, default=None, annotation=(
+        Annotated[hints[f.name] | None, typer.Option(help=_field_help(f),
+                                                     rich_help_panel="Training (TrainConfig)")]))
+        for f in TRAIN_FIELDS]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        fields = {f.name: kwargs.pop(f.name) for f in TRAIN_FIELDS}
+        return command(*args, train_fields=fields, **kwargs)
+
+    run.__signature__ = declared.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    return run  # type: ignore[return-value]
 
 
 def _config_task(config, args: TaskArgs):
@@ -181,54 +207,26 @@ def tasks() -> None:
 
 
 @_command()
+@_train_options
 def train(
     task: Annotated[str | None, typer.Option(help=TASK_HELP)] = None,
     out: Annotated[Path, typer.Option(help="run directory (resumes if it exists)")] = Path("runs/train"),
     backbone: ConfigBackbone = None,
     config: ConfigFile = None,
-    steps: int | None = None,
-    key_step: Annotated[int | None, typer.Option(help="default: steps // 6 (at least 1)")] = None,
-    eval_every: int | None = None,
-    eval_examples: int | None = None,
-    batch_size: int | None = None,
-    prompt_length: int | None = None,
-    init: Annotated[str | None, typer.Option(help="random_uniform|sampled_vocab|class_labels|text:..|file:..")] = None,
-    optimizer: str | None = None,
-    learning_rate: float | None = None,
-    max_length: int | None = None,
-    seed: int | None = None,
-    objective: Annotated[str | None, typer.Option(help="lm (default) | choices")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant (default) | linear | cosine")] = None,
-    reparameterization: Annotated[str | None, typer.Option(
-        help="none (default) | residual (an MLP over the prompt, training only; width and "
-             "learning-rate scale in the config file)")] = None,
-    prompt_ema: Annotated[float | None, typer.Option(
-        help="decay of an exponential moving average of the prompt; keys, values and "
-             "validation use the average (default 0: the prompt itself)")] = None,
-    balance_classes: Annotated[bool | None, typer.Option(
-        help="batches take the classes in turn (equal shares) instead of uniform sampling")] = None,
-    patience: Annotated[int | None, typer.Option(
-        help="stop after this many evaluations without a better validation score (0: never)")
-    ] = None,
     labels: Labels = None,
     template: Template = DEFAULT_TEMPLATE,
     label_field: LabelField = "label",
+    train_fields: dict[str, Any] | None = None,
 ) -> None:
     """Prompt-tune a task; writes key (early) and value (best) prompts into OUT."""
     from spot import backbones
     from spot.train import train as run_training
 
-    overrides = dict(task=task, backbone=backbone, steps=steps, key_step=key_step,
-                     eval_every=eval_every, eval_examples=eval_examples, batch_size=batch_size,
-                     prompt_length=prompt_length, init=init, optimizer=optimizer,
-                     learning_rate=learning_rate, max_length=max_length, seed=seed,
-                     objective=objective, schedule=schedule,
-                     reparameterization=reparameterization, prompt_ema=prompt_ema,
-                     balance_classes=balance_classes, patience=patience)
     if config is None and task is None:
         raise ValueError("--task or --config is required")
-    cfg, target = _config_task(_train_config(config, {}, **overrides),
-                               TaskArgs(labels, template, label_field))
+    cfg, target = _config_task(
+        TrainConfig.build(config, task=task, backbone=backbone, **(train_fields or {})),
+        TaskArgs(labels, template, label_field))
     model = backbones.load(cfg.backbone)
     result = run_training(model, target, cfg, out)
     console.print(f"value: step {result.value_step}, validation {result.metric} "
@@ -244,7 +242,7 @@ def evaluate(
     backbone: Backbone = "smollm2-135m",
     split: Annotated[str, typer.Option(help="train | validation | test")] = "test",
     limit: Annotated[int | None, typer.Option(help="first N of a fixed sample")] = None,
-    max_length: int = 128,
+    max_length: int = TrainConfig.max_length,
     labels: Labels = None,
     template: Template = DEFAULT_TEMPLATE,
     label_field: LabelField = "label",
@@ -310,6 +308,7 @@ def _check_backbone(held: dict[str, int], model, where: str) -> None:
 
 
 @_command("train-source")
+@_train_options
 def train_source(
     task: TaskName,
     out: Annotated[Path, typer.Option(help="run directory")],
@@ -318,17 +317,12 @@ def train_source(
     token: Token = None,
     backbone: ConfigBackbone = None,
     config: ConfigFile = None,
-    steps: Annotated[int | None, typer.Option(help="default 300 without --config")] = None,
-    key_step: Annotated[int | None, typer.Option(help="default: steps // 6 (at least 1)")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="default 50 without --config")] = None,
-    batch_size: int | None = None,
-    prompt_length: int | None = None,
-    seed: int | None = None,
     recipe: Annotated[list[str] | None, typer.Option(
         help="key recipe(s) to publish, each by the library's protocol (default: gradient)")] = None,
     labels: Labels = None,
     template: Template = DEFAULT_TEMPLATE,
     label_field: LabelField = "label",
+    train_fields: dict[str, Any] | None = None,
 ) -> None:
     """Train a source prompt and publish its value with a key per recipe, each made by the
     library's key protocol (the library's first publish for a recipe sets the default one)."""
@@ -338,10 +332,7 @@ def train_source(
     from spot.train import train as run_training
 
     source = _prompt_source(library, remote, token)
-    cfg = _train_config(config, {"steps": 300, "eval_every": 50}, task=task,
-                        backbone=backbone, steps=steps, key_step=key_step,
-                        eval_every=eval_every, batch_size=batch_size,
-                        prompt_length=prompt_length, seed=seed)
+    cfg = TrainConfig.build(config, task=task, backbone=backbone, **(train_fields or {}))
     cfg, source_task = _config_task(cfg, TaskArgs(labels, template, label_field))
     model = backbones.load(cfg.backbone)
     run_training(model, source_task, cfg, out)
@@ -424,8 +415,8 @@ def query(
         _read_prompt(prompt)
     else:
         target = _task(task, TaskArgs(labels, template, label_field))
-        legacy = _train_config(None, {}, task=target.name, backbone=backbone,
-                               eval_examples=eval_examples)
+        legacy = TrainConfig.build(task=target.name, backbone=backbone,
+                                   eval_examples=eval_examples)
     model = backbones.load(backbone)
     _check_backbone(held, model, where)
     if prompt is not None:
@@ -436,6 +427,7 @@ def query(
 
 
 @_command("tune-target")
+@_train_options
 def tune_target(
     task: TaskName,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/target"),
@@ -449,41 +441,19 @@ def tune_target(
     backbone: ConfigBackbone = None,
     config: Annotated[Path | None, typer.Option(
         help="JSON TrainConfig for the transfer and baseline runs; flags override it")] = None,
-    steps: Annotated[int | None, typer.Option(help="default 100 without --config")] = None,
-    key_step: Annotated[int | None, typer.Option(
-        help="query steps for a library whose keys record no protocol (default steps // 6)")] = None,
-    eval_every: Annotated[int | None, typer.Option(
-        help="steps between validations (default: four per run without --config)")] = None,
-    eval_examples: EvalExamples = None,
-    batch_size: int | None = None,
-    prompt_length: int | None = None,
-    learning_rate: Annotated[float | None, typer.Option(
-        help="default 0.3 (the reference); 0.01 suits SmolLM2")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant (default) | linear | cosine")] = None,
-    init: Annotated[str | None, typer.Option(
-        help="the baseline's init: sampled_vocab (default) | class_labels | text:..")] = None,
     baseline: Annotated[bool, typer.Option(
-        help="also tune from the config's init (sampled vocab by default); report RER")] = True,
+        help="also tune from the config's own init at the same budget; report RER")] = True,
     test_examples: Annotated[int, typer.Option(
         help="test rows scored per run (0: the whole split)")] = 500,
     labels: Labels = None,
     template: Template = DEFAULT_TEMPLATE,
     label_field: LabelField = "label",
+    train_fields: dict[str, Any] | None = None,
 ) -> None:
-    """Query the library with the target, then tune it from the top-k sources."""
+    """Query the library with the target, tune it from the top-k sources and (by default) from
+    its own init; print test scores and relative error reduction (`spot.transfer.run_transfer`)."""
     from spot import backbones
-    from spot.progress import progress_bar
-    from spot.tasks import get_task
-    from spot.train import default_key_step
-    from spot.train import train as run_training
-    from spot.transfer import (
-        STRATEGIES,
-        held_out_score,
-        relative_error_reduction,
-        retrieve,
-        task_query,
-    )
-    from spot.transfer import tune_target as run_transfer
+    from spot.transfer import STRATEGIES, run_transfer
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -492,42 +462,20 @@ def tune_target(
     where = str(library or remote)
     source = _prompt_source(library, remote, token, create=False)
     held = _searchable(source, where)
-    plain = {"steps": 100 if steps is None else steps}
-    plain["eval_every"] = max(key_step or default_key_step(plain["steps"]),
-                              plain["steps"] // 4)  # four evaluations
     target = _task(task, TaskArgs(labels, template, label_field))
-    cfg = _train_config(config, plain, task=target.name, backbone=backbone, steps=steps,
-                        key_step=key_step, eval_every=eval_every, eval_examples=eval_examples,
-                        batch_size=batch_size, prompt_length=prompt_length,
-                        learning_rate=learning_rate, schedule=schedule, init=init)
+    cfg = TrainConfig.build(config, task=target.name, backbone=backbone, **(train_fields or {}))
     model = backbones.load(cfg.backbone)
     _check_backbone(held, model, where)
-    phases = ["query", "transfer", "test", *(["baseline", "baseline test"] if baseline else [])]
-    with progress_bar("tune-target", len(phases)) as phase:
-        phase.update(0, note=phases[0])
-        query_key = task_query(source, model, target, recipe, (cfg, out / "query"))
-        retrieved = retrieve(source, model, query_key, k, metric, exclude=[target.name],
-                             recipe=recipe)
-        sources = [get_task(r.task) for r in retrieved] if strategy == "mixture" else []
-        phase.update(1, note=phases[1])
-        result = run_transfer(model, target, retrieved, strategy, cfg, out / strategy, sources,
-                              show_progress=True)
-        phase.update(2, note=phases[2])
-        score = held_out_score(model, target, result.result, test_examples, show_progress=True)
-        if baseline:
-            phase.update(3, note=phases[3])
-            base = run_training(model, target, cfg, out / "baseline")
-            phase.update(4, note=phases[4])
-            base_score = held_out_score(model, target, base, test_examples, show_progress=True)
-        phase.update(len(phases), note="done")
-    _show_matches(retrieved)
-    table = Table("init", f"test {target.metrics[0]}", "relative error reduction")
-    if baseline:
-        table.add_row(f"{cfg.init} (baseline)", f"{base_score:.2f}", "")
-        table.add_row(strategy, f"{score:.2f}",
-                      f"{relative_error_reduction(base_score, score):+.3f}")
+    report = run_transfer(model, target, cfg, out, source, strategy=strategy, k=k, metric=metric,
+                          recipe=recipe, baseline=baseline, test_examples=test_examples,
+                          show_progress=True)
+    _show_matches(report.retrieved)
+    table = Table("init", f"test {report.metric}", "relative error reduction")
+    if report.baseline_score is not None:
+        table.add_row(f"{cfg.init} (baseline)", f"{report.baseline_score:.2f}", "")
+        table.add_row(strategy, f"{report.score:.2f}", f"{report.relative_error_reduction():+.3f}")
     else:
-        table.add_row(strategy, f"{score:.2f}", "")
+        table.add_row(strategy, f"{report.score:.2f}", "")
     console.print(table)
 
 
@@ -682,27 +630,48 @@ def import_prompt(
     console.print(f"{source} -> {out} (backbone {model.identity}, task {meta['task']})")
 
 
+StudyOption = Annotated[int | None, typer.Option(help="sets it in both configs")]
+RayAddress = Annotated[str | None, typer.Option(
+    help="run each training run as a Ray task: auto (start a local Ray) or a cluster's address",
+    rich_help_panel="Ray")]
+CpusPerRun = Annotated[int, typer.Option(
+    help="CPUs per run (--ray auto: one worker per this many CPUs)", rich_help_panel="Ray")]
+SharedRuns = Annotated[bool, typer.Option(
+    help="with --ray ADDRESS: the run folder is on storage every worker sees at the same path "
+         "(runs write and resume there; default: each worker's temp dir)", rich_help_panel="Ray")]
+
+
 @_command()
 def study(
     sources: Annotated[str, typer.Option(help="comma-separated source tasks (names or files)")],
     targets: Annotated[str, typer.Option(help="comma-separated target tasks (names or files)")],
     out: Annotated[Path, typer.Option(help="study folder (resumes)")] = Path("studies/run"),
-    seeds: str = "0",
-    source_steps: int = 60,
-    target_steps: int = 30,
-    key_step: int = 10,
-    prompt_length: int = 20,
-    batch_size: int = 8,
-    eval_examples: int = 100,
-    test_examples: int = 200,
-    backbone: Backbone = "smollm2-135m",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds of the target runs")] = "0",
+    source_config: Annotated[Path | None, typer.Option(
+        help="JSON TrainConfig of the source runs")] = None,
+    target_config: Annotated[Path | None, typer.Option(
+        help="JSON TrainConfig of the target runs (baselines and transfers)")] = None,
+    source_steps: Annotated[int | None, typer.Option(help="the source runs' steps")] = None,
+    target_steps: Annotated[int | None, typer.Option(help="the target runs' steps")] = None,
+    key_step: StudyOption = None,
+    prompt_length: StudyOption = None,
+    batch_size: StudyOption = None,
+    eval_examples: StudyOption = None,
+    test_examples: Annotated[int | None, typer.Option(
+        help="test rows scored per target run (default 200)")] = None,
+    backbone: ConfigBackbone = None,
     labels: Labels = None,
     template: Template = DEFAULT_TEMPLATE,
     label_field: LabelField = "label",
+    ray: RayAddress = None,
+    cpus_per_run: CpusPerRun = 1,
+    shared_runs: SharedRuns = False,
 ) -> None:
     """Train sources, baselines and every source->target transfer; write results.jsonl.
 
-    Task files share --labels, --template and --label-field; a .json task spec has its own."""
+    Both configs start from TrainConfig's defaults and the backbone's recommended overrides;
+    flags win. Task files share --labels, --template and --label-field; a .json task spec has
+    its own."""
     from spot import backbones
     from spot.study import StudyConfig, run_study
     from spot.tasks import list_tasks
@@ -714,15 +683,75 @@ def study(
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    if min(source_steps, target_steps, key_step, prompt_length, batch_size) < 1:
-        raise ValueError("steps, key step, prompt length and batch size must be at least 1")
-    config = StudyConfig(tuple(names[s] for s in sources.split(",")),
-                         tuple(names[t] for t in targets.split(",")), seed_list, source_steps,
-                         target_steps, key_step, prompt_length, batch_size, eval_examples,
-                         test_examples)
+    shared = dict(backbone=backbone, key_step=key_step, prompt_length=prompt_length,
+                  batch_size=batch_size, eval_examples=eval_examples)
+    source_names = tuple(names[s] for s in sources.split(","))
+    target_names = tuple(names[t] for t in targets.split(","))
+    config = StudyConfig(
+        source_names, target_names,
+        TrainConfig.build(source_config, task=source_names[0], steps=source_steps, **shared),
+        TrainConfig.build(target_config, task=target_names[0], steps=target_steps, **shared),
+        seed_list, **({} if test_examples is None else {"test_examples": test_examples}))
     files = {task.name: task for task in given.values() if task.name not in list_tasks()}
-    run_study(backbones.load(backbone), config, out, files)
+    if ray is None:
+        run_study(backbones.load(config.source.backbone), config, out, files)
+    else:
+        from spot.ray_runner import ray_options, run_study_on_ray
+
+        run_study_on_ray(config.source.backbone, config, out, files,
+                         ray_options(ray, cpus_per_run, out, shared_runs))
     console.print(f"results in {out / 'results.jsonl'}")
+
+
+@_command("build", library_app)
+@_train_options
+def library_build(
+    library: Annotated[Path, typer.Argument(help="library directory (created if missing)")],
+    tasks: Annotated[str, typer.Option(help="comma-separated source tasks (names or files)")],
+    runs: Annotated[Path, typer.Option(help="run folder, one run per task (resumes)")] = Path(
+        "runs/sources"),
+    backbone: ConfigBackbone = None,
+    config: ConfigFile = None,
+    recipe: Annotated[list[str] | None, typer.Option(
+        help="key recipe(s) to publish, each by the library's protocol (default: gradient)")] = None,
+    labels: Labels = None,
+    template: Template = DEFAULT_TEMPLATE,
+    label_field: LabelField = "label",
+    ray: RayAddress = None,
+    cpus_per_run: CpusPerRun = 1,
+    shared_runs: SharedRuns = False,
+    train_fields: dict[str, Any] | None = None,
+) -> None:
+    """`train-source` for many tasks: train a source per task and publish its value with a key
+    per recipe, each made by the library's key protocol."""
+    from library import Library
+    from spot import backbones
+    from spot.publish import publish_source
+    from spot.task_embedding import DEFAULT_RECIPE
+    from spot.train import train as run_training
+
+    args = TaskArgs(labels, template, label_field)
+    given = [_task(name, args) for name in dict.fromkeys(tasks.split(","))]
+    cfg = TrainConfig.build(config, task=given[0].name, backbone=backbone, **(train_fields or {}))
+    store, recipes = Library(library), recipe or [DEFAULT_RECIPE]
+    model = backbones.load(cfg.backbone)
+
+    def sequential():
+        for task in given:
+            run_training(model, task, dataclasses.replace(cfg, task=task.name), runs / task.name)
+            for name in recipes:
+                value = runs / task.name / "value.safetensors"
+                yield task.name, name, publish_source(store, model, task, value, name)
+
+    if ray is None:
+        built = sequential()
+    else:
+        from spot.ray_runner import build_library_on_ray, ray_options
+
+        built = build_library_on_ray(cfg.backbone, model, given, cfg, store, recipes,
+                                     ray_options(ray, cpus_per_run, runs, shared_runs))
+    for task_name, name, ids in built:
+        console.print(f"published {task_name}: {name} key {ids.key}, value {ids.value}")
 
 
 @_command()

@@ -1,9 +1,10 @@
 """`make demo`: SPoT on a new target task with the shipped default prompt library.
 
-1. load SmolLM2-135M-Instruct; 2. train a short query prompt on the target; 3. retrieve the
-top-k source prompts from the default library; 4. tune the target from the retrieved prompts
-(similarity-weighted average) and, at the same budget, from a sampled-vocab init; 5. print the
-table and write the transferability figures of the committed study.
+1. load SmolLM2-135M-Instruct; 2. run the transfer pipeline (`spot.transfer.run_transfer`):
+embed the target as the library's keys were made, retrieve the top-k source prompts from the
+default library, tune the target from their similarity-weighted average and, at the same budget,
+from its own init (the baseline); 3. print the table and write the transferability figures of
+the committed study.
 
     python -m spot.demo [--task NAME | --task FILE.jsonl --labels neg,pos --template "..."]
 """
@@ -21,14 +22,8 @@ from library import Library
 from spot import backbones
 from spot.paths import REPO_ROOT
 from spot.tasks import Task, get_task, task_from_file
-from spot.train import TrainConfig, train
-from spot.transfer import (
-    held_out_score,
-    query_prompt,
-    relative_error_reduction,
-    retrieve,
-    tune_target,
-)
+from spot.train import TrainConfig
+from spot.transfer import run_transfer
 
 console = Console()
 DEFAULT_LIBRARY = REPO_ROOT / "spot" / "default_library"
@@ -53,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--library", type=Path, default=DEFAULT_LIBRARY)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--key-step", type=int, default=8)
+    parser.add_argument("--key-step", type=int, default=8,
+                        help="query steps for a library whose keys record no protocol")
     parser.add_argument("--test-examples", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
@@ -66,32 +62,26 @@ def main(argv: list[str] | None = None) -> None:
     library = Library(args.library)
     console.print(f"default library {args.library}: {library.count(backbone=model.identity)} "
                   f"prompts for this backbone")
-    config = TrainConfig(task=target.name, steps=args.steps, key_step=args.key_step,
-                         eval_every=args.steps, eval_examples=64, batch_size=8, prompt_length=20)
+    config = TrainConfig.build(task=target.name, backbone=model.name, steps=args.steps,
+                               key_step=args.key_step, eval_every=args.steps, eval_examples=64)
     out = args.out / target.name
-    console.print(f"[bold]1/3[/bold] query prompt: {args.key_step} steps on {target.name}")
-    query = query_prompt(model, target, config, out / "query")
-    found = retrieve(library, model, query, args.k, "token", exclude=[target.name])
-    console.print(f"[bold]2/3[/bold] tune {target.name} from the top-{args.k} (weighted)")
-    transfer = tune_target(model, target, found, "weighted", config, out / "weighted")
-    console.print(f"[bold]3/3[/bold] tune {target.name} from sampled vocabulary (baseline)")
-    baseline = train(model, target, config, out / "baseline")
-    metric = target.metrics[0]
-    base_score = held_out_score(model, target, baseline, args.test_examples)
-    score = held_out_score(model, target, transfer.result, args.test_examples)
+    console.print(f"tune {target.name} from the top-{args.k} sources (weighted) and from its "
+                  f"own init (baseline): lr {config.learning_rate} {config.schedule}")
+    report = run_transfer(model, target, config, out, library, strategy="weighted", k=args.k,
+                          test_examples=args.test_examples, show_progress=True)
 
     sources = Table("rank", "source task", "per-token cosine similarity")
-    for rank, r in enumerate(found, 1):
+    for rank, r in enumerate(report.retrieved, 1):
         sources.add_row(str(rank), r.task, f"{r.similarity:.4f}")
     console.print(sources)
-    results = Table("target", "init", f"test {metric}", "relative error reduction")
-    results.add_row(target.name, "sampled vocab (baseline)", f"{base_score:.2f}", "")
-    results.add_row(target.name, f"SPoT weighted top-{args.k}", f"{score:.2f}",
-                    f"{relative_error_reduction(base_score, score):+.3f}")
+    results = Table("target", "init", f"test {report.metric}", "relative error reduction")
+    results.add_row(target.name, f"{config.init} (baseline)", f"{report.baseline_score:.2f}", "")
+    results.add_row(target.name, f"SPoT weighted top-{args.k}", f"{report.score:.2f}",
+                    f"{report.relative_error_reduction():+.3f}")
     console.print(results)
     n_test = min(args.test_examples, len(target.load("test")))
-    console.print(f"budget: {args.steps} steps x 8 examples per run; test rows: "
-                  f"{n_test} (fixed sample); runs under {out}")
+    console.print(f"budget: {args.steps} steps x {config.batch_size} examples per run; test "
+                  f"rows: {n_test} (fixed sample); runs under {out}")
     if (STUDY / "results.jsonl").is_file():
         from spot.figures import write_figures
 

@@ -167,7 +167,7 @@ def retrieval_figure(study: analysis.Study) -> Figure:
     ax = figure.add_subplot()
     styles = {"mean": ("tab:blue", "o", "-", 8), "token": ("tab:orange", "s", "-.", 5)}
     curve = None
-    for metric in analysis.METRICS:
+    for metric in analysis.STUDY_METRICS:
         curve = analysis.retrieval_curve(study, metric)
         color, marker, line, size = styles[metric]
         ax.plot(curve.ks, curve.mean, marker=marker, ls=line, ms=size, color=color,
@@ -193,9 +193,9 @@ def write_figures(study_dir: str | Path, out_dir: str | Path, *, dpi: int = 150)
     study = analysis.load_study(study_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {f"similarity_{m}": similarity_figure(study, m) for m in analysis.METRICS}
+    figures = {f"similarity_{m}": similarity_figure(study, m) for m in analysis.STUDY_METRICS}
     figures["transfer_rer"] = transfer_figure(study)
-    figures |= {f"scatter_{m}": scatter_figure(study, m) for m in analysis.METRICS}
+    figures |= {f"scatter_{m}": scatter_figure(study, m) for m in analysis.STUDY_METRICS}
     figures["retrieval_curve"] = retrieval_figure(study)
     paths = []
     for name, figure in figures.items():

@@ -1,12 +1,14 @@
 """`spot study`: sources x targets transferability grid, resumable, written as tidy JSON lines.
 
 Layout of the study folder:
-    library/                          sources' keys and values (published as a side effect)
-    sources/<task>/                   one training run per source (seed 0)
-    targets/<task>/seed<s>/baseline   the target from a sampled-vocab init; its key is the query
-    targets/<task>/seed<s>/from_<src> the target initialised from the source's value
-    results.jsonl, similarity.jsonl, tasks.json
-Every run directory resumes, and finished rows are not recomputed, so a killed study continues.
+    library/                            sources' keys and values (published as a side effect)
+    sources/<task>/                     one training run per source (the source config's seed)
+    targets/<task>/seed<s>/baseline     the target from the target config's init; its key is the
+                                        query the sources' keys are compared with
+    targets/<task>/seed<s>/best-of-k/   the target initialised from each source's value
+    study.json, results.jsonl, similarity.jsonl, tasks.json
+Every target is one `spot.transfer.run_transfer` over all sources, and every run directory
+resumes, so a killed study continues.
 """
 
 from __future__ import annotations
@@ -24,31 +26,22 @@ from library.atomic import atomic_write
 from spot.backbones.base import Backbone
 from spot.tasks import Task, get_task
 from spot.train import TrainConfig, train
-from spot.transfer import held_out_score, relative_error_reduction, train_from_prompt
+from spot.transfer import Retrieved, run_transfer
 
 console = Console()
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
+    """The grid and the base TrainConfig of its source and target runs (each run sets its task,
+    and a target run its seed)."""
+
     sources: tuple[str, ...]
     targets: tuple[str, ...]
+    source: TrainConfig
+    target: TrainConfig
     seeds: tuple[int, ...] = (0,)
-    source_steps: int = 60
-    target_steps: int = 30
-    key_step: int = 10
-    prompt_length: int = 20
-    batch_size: int = 8
-    eval_examples: int = 100
     test_examples: int = 200
-    target_eval_examples: int = 16  # targets validate once, at their last step
-
-
-def _train_config(config: StudyConfig, task: str, steps: int, seed: int) -> TrainConfig:
-    return TrainConfig(task=task, steps=steps, key_step=min(config.key_step, steps),
-                       eval_every=max(config.key_step, steps // 3), batch_size=config.batch_size,
-                       prompt_length=config.prompt_length, eval_examples=config.eval_examples,
-                       seed=seed)
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -71,55 +64,41 @@ def run_study(
     atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
     library = Library(out / "library")
     keys: dict[str, np.ndarray] = {}
-    values: dict[str, np.ndarray] = {}
+    sources: dict[str, Retrieved] = {}
     for name in config.sources:
         console.print(f"[bold]source[/bold] {name}")
-        run = train(backbone, task_of(name), _train_config(config, name, config.source_steps, 0),
+        run = train(backbone, task_of(name), dataclasses.replace(config.source, task=name),
                     out / "sources" / name)
-        library.publish(run.out / "key.safetensors", run.out / "value.safetensors",
-                        {"task": name})
-        keys[name], values[name] = run.key, run.value
+        ids = library.publish(run.out / "key.safetensors", run.out / "value.safetensors",
+                              {"task": name})
+        keys[name] = run.key
+        sources[name] = Retrieved(name, ids.key, ids.value, 0.0, run.value)
 
-    rows, done = [], _done_rows(out / "results.jsonl")
+    rows = []
     for target in config.targets:
         task = task_of(target)
         for seed in config.seeds:
+            console.print(f"[bold]target[/bold] {target} seed {seed}")
+            target_config = dataclasses.replace(config.target, task=target, seed=seed)
             base_dir = out / "targets" / target / f"seed{seed}"
-            base_cfg = dataclasses.replace(
-                _train_config(config, target, config.target_steps, seed),
-                eval_every=config.target_steps, eval_examples=config.target_eval_examples,
-            )
-            console.print(f"[bold]target[/bold] {target} seed {seed}: baseline")
-            baseline = train(backbone, task, base_cfg, base_dir / "baseline")
-            base_score = held_out_score(backbone, task, baseline, config.test_examples)
-            keys[f"{target}@{seed}"] = baseline.key
+            query = train(backbone, task, target_config, base_dir / "baseline").key
+            keys[f"{target}@{seed}"] = query
+            found = [dataclasses.replace(r, similarity=similarity(keys[r.task], query, "token"))
+                     for r in sources.values()]
+            report = run_transfer(backbone, task, target_config, base_dir, retrieved=found,
+                                  test_examples=config.test_examples, test_every_run=True)
             for source in config.sources:
-                if (source, target, seed) in done:
-                    rows.append(done[(source, target, seed)])
-                    continue
-                console.print(f"  transfer {source} -> {target} (seed {seed})")
-                run = train_from_prompt(backbone, task, base_cfg, base_dir / f"from_{source}",
-                                values[source], source)
-                score = held_out_score(backbone, task, run, config.test_examples)
                 rows.append({
-                    "source": source, "target": target, "seed": seed, "metric": task.metrics[0],
-                    "steps": config.target_steps, "baseline_score": base_score,
-                    "transfer_score": score,
-                    "relative_error_reduction": relative_error_reduction(base_score, score),
-                    "sim_mean": similarity(keys[source], baseline.key, "mean"),
-                    "sim_token": similarity(keys[source], baseline.key, "token"),
+                    "source": source, "target": target, "seed": seed, "metric": report.metric,
+                    "steps": target_config.steps, "baseline_score": report.baseline_score,
+                    "transfer_score": report.test_scores[source],
+                    "relative_error_reduction": report.relative_error_reduction(source),
+                    "sim_mean": similarity(keys[source], query, "mean"),
+                    "sim_token": similarity(keys[source], query, "token"),
                 })
-                _write_jsonl(out / "results.jsonl", rows)
-    _write_jsonl(out / "results.jsonl", rows)
+            _write_jsonl(out / "results.jsonl", rows)
     _write_similarities(out, keys, config, task_of)
     return out
-
-
-def _done_rows(path: Path) -> dict[tuple[str, str, int], dict]:
-    if not path.is_file():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["source"], r["target"], r["seed"]): r for r in rows}
 
 
 def _write_similarities(

@@ -2,8 +2,7 @@
 
 A run directory holds:
     config.json            the TrainConfig
-    state.safetensors      trainable parameters (+ the prompt's EMA) + optimizer state + step +
-                           best score (resume point)
+    state.safetensors      the prompt + optimizer state + step + best score (resume point)
     key.safetensors        the prompt at `key_step` (task embedding for retrieval)
     value.safetensors      the best-validation prompt (transfer initialisation)
     metrics.jsonl          one line per evaluation
@@ -29,29 +28,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from library.atomic import atomic_write
+from spot.backbones import recommended_overrides
 from spot.backbones.base import Backbone
-from spot.batching import balanced_train_rows, encode, make_batch, train_rows
+from spot.batching import encode, make_batch, train_rows
 from spot.evaluation import evaluate, subset
 from spot.progress import progress_bar
 from spot.prompts import initial_prompt, load_for_backbone, save_for_backbone
-from spot.reparameterization import (
-    REPARAMETERIZATIONS,
-    Trainable,
-    effective_prompt,
-    group_labels,
-    init_trainable,
-)
 
 
 class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
-OBJECTIVES = ("lm", "choices")
+OPTIMIZERS = ("adafactor", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 # The resume point is also written every this many steps, so a run that evaluates rarely (a long
 # source run with one evaluation at the end) loses at most these steps when it is interrupted.
 CHECKPOINT_EVERY = 50
+# Options removed after measuring no gain (studies/sst2_prompt_tuning/README.md), at the values
+# that left them off: a run directory whose config.json records them so is the same run.
+RETIRED_FIELDS = {"objective": "lm", "reparameterization": "none", "reparam_hidden": 256,
+                  "reparam_lr_scale": 0.1, "prompt_ema": 0.0, "balance_classes": False}
 
 
 def default_key_step(steps: int) -> int:
@@ -59,31 +56,48 @@ def default_key_step(steps: int) -> int:
     return max(1, steps // 6)
 
 
+def option(default: Any, help: str) -> Any:
+    """A TrainConfig field with its help text (shown by the `spot` options made from it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    task: str
-    backbone: str = "smollm2-135m"
-    prompt_length: int = 20
-    init: str = "sampled_vocab"  # random_uniform | sampled_vocab | class_labels | text:.. | file:..
-    optimizer: str = "adafactor"  # adafactor (T5X defaults) | adam
-    learning_rate: float = 0.3
-    decay_rate: float = 0.8
-    weight_decay: float = 1e-5
-    batch_size: int = 8
-    steps: int = 300
-    key_step: int | None = None  # None: default_key_step(steps) (50 for the default 300 steps)
-    eval_every: int = 50
-    eval_examples: int = 400  # validation subset per evaluation (0 = whole split)
-    patience: int = 0  # > 0: stop after this many evaluations without a better validation score
-    max_length: int = 128
-    seed: int = 0
-    objective: str = "lm"  # lm: gold answer's token cross-entropy | choices: softmax over choices
-    schedule: str = "constant"  # constant (the reference) | linear | cosine: decay to 0 at `steps`
-    reparameterization: str = "none"  # none (the reference) | residual (see spot.reparameterization)
-    reparam_hidden: int = 256  # the residual MLP's width
-    reparam_lr_scale: float = 0.1  # the MLP's learning rate, relative to the prompt's
-    prompt_ema: float = 0.0  # > 0: keys, values and evaluations use an EMA of the prompt
-    balance_classes: bool = False  # batches take the classes in turn (see balanced_train_rows)
+    """Every setting of a prompt-tuning run, and the only home of their defaults (the reference's:
+    T5X prompt tuning). `build` adds the backbone's recommended overrides and a config file."""
+
+    task: str = option(dataclasses.MISSING, "registered task name (or a task file in `spot`)")
+    backbone: str = option("smollm2-135m", "registered backbone name or checkpoint directory")
+    prompt_length: int = option(20, "soft prompt tokens (L)")
+    init: str = option("sampled_vocab", "start prompt: random_uniform | sampled_vocab | "
+                       "class_labels | text:WORDS | file:PROMPT")
+    optimizer: str = option("adafactor", "adafactor (T5X defaults) | adam")
+    learning_rate: float = option(0.3, "peak learning rate")
+    decay_rate: float = option(0.8, "Adafactor's second-moment decay")
+    weight_decay: float = option(1e-5, "weight decay")
+    batch_size: int = option(8, "training examples per step")
+    steps: int = option(300, "training steps")
+    key_step: int | None = option(None, "step of the key checkpoint (default: steps // 6, >= 1)")
+    eval_every: int = option(50, "steps between validations (and after the last step)")
+    eval_examples: int = option(400, "validation rows per evaluation (0: the whole split)")
+    patience: int = option(0, "stop after this many evaluations without a better validation "
+                           "score (0: never)")
+    max_length: int = option(128, "longest input in tokens (longer inputs are cut)")
+    seed: int = option(0, "seed of the init, batches and dropout")
+    schedule: str = option("constant", "learning rate: constant | linear | cosine (decay to 0 "
+                           "at the last step)")
+
+    @classmethod
+    def build(cls, file: str | Path | None = None, **given: Any) -> TrainConfig:
+        """The defaults, then the backbone's recommended overrides, then the JSON config `file`,
+        then `given` (None: not given). Unknown keys in the file are an error."""
+        raw = json.loads(Path(file).read_text()) if file is not None else {}
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{file}: unknown config keys {sorted(unknown)}")
+        chosen = {**raw, **{k: v for k, v in given.items() if v is not None}}
+        backbone = chosen.get("backbone", cls.backbone)
+        return cls(**{**recommended_overrides(backbone), **chosen})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "prompt_length", "eval_every", "max_length"):
@@ -100,29 +114,10 @@ class TrainConfig:
                              f"got {self.eval_examples}")
         if not 0 < self.key_step <= self.steps:
             raise ValueError(f"key_step {self.key_step} must lie in [1, steps={self.steps}]")
-        if self.optimizer not in ("adafactor", "adam"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r} (adafactor, adam)")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r} ({', '.join(OBJECTIVES)})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r} ({', '.join(OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r} ({', '.join(SCHEDULES)})")
-        if self.reparameterization not in REPARAMETERIZATIONS:
-            raise ValueError(f"unknown reparameterization {self.reparameterization!r} "
-                             f"({', '.join(REPARAMETERIZATIONS)})")
-        if self.reparam_hidden < 1 or not self.reparam_lr_scale > 0:
-            raise ValueError("reparam_hidden and reparam_lr_scale must be positive")
-        if not 0 <= self.prompt_ema < 1:
-            raise ValueError(f"prompt_ema {self.prompt_ema} must lie in [0, 1)")
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """A JSON config file; keyword overrides win. Unknown keys are an error."""
-        raw = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,25 +158,10 @@ def make_optimizer(
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _grouped(
-    prompt: optax.GradientTransformation, reparam: optax.GradientTransformation
-) -> optax.GradientTransformation:
-    # Cached on the (cached) parts, so equal configs share one optimizer and one compiled step.
-    return optax.multi_transform({"prompt": prompt, "reparam": reparam}, group_labels)
-
-
 def optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
-    """The run's optimizer; a reparameterization's MLP learns at `reparam_lr_scale` x the rate."""
-
-    def at(learning_rate: float) -> optax.GradientTransformation:
-        return make_optimizer(config.optimizer, learning_rate, config.decay_rate,
-                              config.weight_decay, config.schedule, config.steps)
-
-    prompt = at(config.learning_rate)
-    if config.reparameterization == "none":
-        return prompt
-    return _grouped(prompt, at(config.learning_rate * config.reparam_lr_scale))
+    """The run's optimizer (cached: equal configs share one optimizer and one compiled step)."""
+    return make_optimizer(config.optimizer, config.learning_rate, config.decay_rate,
+                          config.weight_decay, config.schedule, config.steps)
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,8 +187,9 @@ def choice_loss(score_fn):
 def make_train_step(
     backbone: Backbone, optimizer: optax.GradientTransformation, mesh: Mesh, objective: str = "lm"
 ):
-    """Step: gradient w.r.t. the trainable prompt parameters only (the frozen params are a plain
-    argument). One jitted program, or on one device with the LM objective and a backbone that
+    """Step: gradient w.r.t. the prompt only (the frozen params are a plain argument), of the
+    `objective` "lm" (the gold answer's token cross-entropy) or "choices" (`choice_loss`, used by
+    `spot.task_embedding`). One jitted program, or on one device with the LM objective and a backbone that
     has `prompt_grad_fn`, the gradient layer by layer (`_layerwise_step`). Cached, so runs on one
     backbone with one optimizer compile once per batch shape."""
     if objective == "lm" and mesh.size == 1 and backbone.prompt_grad_fn is not None:
@@ -217,13 +198,10 @@ def make_train_step(
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
     loss_fn = backbone.loss_fn if objective == "lm" else choice_loss(backbone.score_fn)
 
-    def step(params, trainable, opt_state, batch, rng):
-        def loss_of(t):
-            return loss_fn(params, effective_prompt(t), batch, rng)
-
-        loss, grad = jax.value_and_grad(loss_of)(trainable)
-        updates, opt_state = optimizer.update(grad, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    def step(params, prompt, opt_state, batch, rng):
+        loss, grad = jax.value_and_grad(loss_fn, argnums=1)(params, prompt, batch, rng)
+        updates, opt_state = optimizer.update(grad, opt_state, prompt)
+        return optax.apply_updates(prompt, updates), opt_state, loss
 
     return jax.jit(
         step,
@@ -234,46 +212,30 @@ def make_train_step(
 
 
 def _layerwise_step(backbone: Backbone, optimizer: optax.GradientTransformation):
-    """The same step with the prompt gradient from `backbone.prompt_grad` (layer by layer): the
-    reparameterization's and the optimizer's parts are jitted around it. Takes the backbone's
-    own params only (its per-layer copy is made once)."""
+    """The same step with the prompt gradient from `backbone.prompt_grad` (layer by layer) and
+    the optimizer's update jitted after it. Takes the backbone's own params only (its per-layer
+    copy is made once)."""
     prompt_grad = backbone.prompt_grad
 
     @jax.jit
-    def prompt_of(trainable):
-        return jax.vjp(effective_prompt, trainable)
+    def update(prompt, opt_state, grad):
+        updates, opt_state = optimizer.update(grad, opt_state, prompt)
+        return optax.apply_updates(prompt, updates), opt_state
 
-    @jax.jit
-    def update(trainable, opt_state, pullback, prompt_gradient):
-        (grad,) = pullback(prompt_gradient)
-        updates, opt_state = optimizer.update(grad, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state
-
-    def step(params, trainable, opt_state, batch, rng):
+    def step(params, prompt, opt_state, batch, rng):
         if params is not backbone.params:
             raise ValueError("the layer-by-layer step trains against its backbone's own params")
-        prompt, pullback = prompt_of(trainable)
-        loss, prompt_gradient = prompt_grad(prompt, batch)
-        return *update(trainable, opt_state, pullback, prompt_gradient), loss
+        loss, grad = prompt_grad(prompt, batch)
+        return *update(prompt, opt_state, grad), loss
 
     return step
 
 
-def _trainable_tensors(trainable: Trainable) -> dict[str, np.ndarray]:
-    """"prompt" (and "reparam/<name>" for a reparameterization's other parameters)."""
-    if not isinstance(trainable, dict):
-        return {"prompt": np.asarray(trainable)}
-    return {k if k == "prompt" else f"reparam/{k}": np.asarray(v) for k, v in trainable.items()}
-
-
 def _save_state(
-    path: Path, trainable: Trainable, average: jax.Array | None, opt_state, step: int,
-    best: float, best_step: int,
+    path: Path, prompt: jax.Array, opt_state, step: int, best: float, best_step: int
 ) -> None:
     leaves = jax.tree_util.tree_leaves(opt_state)
-    tensors = _trainable_tensors(trainable)
-    if average is not None:
-        tensors["prompt_ema"] = np.asarray(average)
+    tensors = {"prompt": np.asarray(prompt)}
     tensors |= {f"opt/{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     meta = {"step": str(step), "best": repr(best), "best_step": str(best_step)}
     tmp = path.with_suffix(".tmp")
@@ -282,28 +244,18 @@ def _save_state(
     tmp.unlink()
 
 
-def _load_state(path: Path, trainable_template: Trainable, with_average: bool, opt_template):
+def _load_state(path: Path, opt_template):
+    """(prompt, optimizer state, step, best score, best step) of a resume point."""
     from safetensors import safe_open
 
     tensors = load_file(str(path))
     with safe_open(str(path), "np") as handle:
         meta = handle.metadata()
-    loaded = {name: jnp.asarray(tensors[name]) for name in _trainable_tensors(trainable_template)}
-    trainable = (
-        {k.removeprefix("reparam/"): v for k, v in loaded.items()}
-        if isinstance(trainable_template, dict) else loaded["prompt"]
-    )
     template, treedef = jax.tree_util.tree_flatten(opt_template)
     leaves = [jnp.asarray(tensors[f"opt/{i}"], dtype=t.dtype) for i, t in enumerate(template)]
     opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
-    return (
-        trainable,
-        jnp.asarray(tensors["prompt_ema"]) if with_average else None,
-        opt_state,
-        int(meta["step"]),
-        float(meta["best"]),
-        int(meta["best_step"]),
-    )
+    return (jnp.asarray(tensors["prompt"]), opt_state, int(meta["step"]), float(meta["best"]),
+            int(meta["best_step"]))
 
 
 def _check_config(out: Path, config: TrainConfig) -> None:
@@ -311,9 +263,11 @@ def _check_config(out: Path, config: TrainConfig) -> None:
     wanted = dataclasses.asdict(config)
     if path.is_file():
         defaults = {f.name: f.default for f in dataclasses.fields(config)}  # fields added later
-        found = {**defaults, **json.loads(path.read_text())}
+        recorded = json.loads(path.read_text())
+        retired = {k for k, v in RETIRED_FIELDS.items() if recorded.get(k, v) == v}
+        found = {**defaults, **{k: v for k, v in recorded.items() if k not in retired}}
         if found != wanted:
-            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            changed = sorted(k for k in found | wanted if found.get(k) != wanted.get(k))
             raise ValueError(f"{out} holds a run with another config (differs in {changed})")
     else:
         atomic_write(path, json.dumps(wanted, indent=1).encode())
@@ -340,31 +294,24 @@ def train(
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {mesh.size} devices")
     optimizer = optimizer_for(config)
-    step_fn = make_train_step(backbone, optimizer, mesh, config.objective)
+    step_fn = make_train_step(backbone, optimizer, mesh)
     pack = backbone.packing and mesh.size == 1  # a packed stream has no batch axis to split
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
 
     initial = initial_prompt(
         backbone, config.init, config.prompt_length, config.seed, list(train_examples[0].choices)
     )
-    trainable = init_trainable(config.reparameterization, jnp.asarray(initial),
-                               config.reparam_hidden, config.seed)
-    opt_state = optimizer.init(trainable)
-    # The prompt that is evaluated and saved: the current one, or an EMA starting at the initial.
-    average = jnp.copy(effective_prompt(trainable)) if config.prompt_ema else None  # step donates
+    prompt = jnp.asarray(initial)
+    opt_state = optimizer.init(prompt)
     step, best, best_step = 0, -math.inf, 0
     state_path = out / "state.safetensors"
     if state_path.is_file():
-        trainable, average, opt_state, step, best, best_step = _load_state(
-            state_path, trainable, average is not None, opt_state)
+        prompt, opt_state, step, best, best_step = _load_state(state_path, opt_state)
     history = _read_history(out, step)
 
     def validate(p) -> float:
         return evaluate(backbone, p, _Fixed(task, valid_examples), "validation",
                         max_length=config.max_length, show_progress=show_progress)[metric]
-
-    def current() -> jax.Array:
-        return effective_prompt(trainable) if average is None else average
 
     base_key = jax.random.PRNGKey(config.seed)
     started, seen = time.perf_counter(), 0
@@ -376,34 +323,26 @@ def train(
         while step < config.steps and not _stalled(config, step, best_step):
             if stop_after is not None and seen >= stop_after * config.batch_size:
                 break
-            rows = (
-                balanced_train_rows(encoded.labels, config.batch_size, step, config.seed)
-                if config.balance_classes
-                else train_rows(len(encoded), config.batch_size, step, config.seed)
-            )
+            rows = train_rows(len(encoded), config.batch_size, step, config.seed)
             batch = make_batch(encoded, rows, backbone.pad_id, max_length=config.max_length,
                                batch_size=config.batch_size, pack=pack)
             batch = jax.device_put(batch, sharded)
             rng = jax.random.fold_in(base_key, step)
-            new_trainable, new_opt, loss = step_fn(backbone.params, trainable, opt_state, batch,
-                                                   rng)
+            new_prompt, new_opt, loss = step_fn(backbone.params, prompt, opt_state, batch, rng)
             loss = float(loss)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss is {loss} at step {step + 1}; the last good checkpoint in {out} is kept"
                 )
-            trainable, opt_state, step = new_trainable, new_opt, step + 1
-            if average is not None:
-                average = _ema_update(average, trainable, config.prompt_ema)
+            prompt, opt_state, step = new_prompt, new_opt, step + 1
             seen += config.batch_size
             rate = seen / (time.perf_counter() - started)
             bar.update(step, loss=loss, rate=rate)
             if step == config.key_step:
-                save_for_backbone(out / "key.safetensors", current(), backbone,
+                save_for_backbone(out / "key.safetensors", prompt, backbone,
                                   task=task.name, role="key", step=step, init=config.init,
                                   seed=config.seed)
             if step % config.eval_every == 0 or step == config.steps:
-                prompt = current()
                 score = validate(prompt)
                 record = {"step": step, "loss": loss, metric: score, "examples_per_s": rate}
                 history.append(record)
@@ -417,7 +356,7 @@ def train(
                     log.write(json.dumps(record) + "\n")
             if (step % config.eval_every == 0 or step % CHECKPOINT_EVERY == 0
                     or step in (config.key_step, config.steps)):
-                _save_state(state_path, trainable, average, opt_state, step, best, best_step)
+                _save_state(state_path, prompt, opt_state, step, best, best_step)
     value, _ = load_for_backbone(out / "value.safetensors", backbone) if best_step else (None, None)
     key, _ = load_for_backbone(out / "key.safetensors", backbone) if step >= config.key_step else (None, None)
     return TrainResult(out, value, best, best_step, key, metric, history)
@@ -427,12 +366,6 @@ def _stalled(config: TrainConfig, step: int, best_step: int) -> bool:
     """Validation has not improved for `patience` evaluations (a pure function of the resume
     point, so a resumed run stops where the uninterrupted one did)."""
     return config.patience > 0 and step - best_step >= config.patience * config.eval_every
-
-
-@jax.jit
-def _ema_update(average: jax.Array, trainable: Trainable, decay: float) -> jax.Array:
-    """One step of the prompt's EMA [L, d] (one dispatch, the reparameterization included)."""
-    return decay * average + (1 - decay) * effective_prompt(trainable)
 
 
 def _read_history(out: Path, step: int) -> list[dict[str, Any]]:

