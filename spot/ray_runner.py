@@ -37,15 +37,14 @@ from rich import get_console
 from rich.markup import escape
 
 from library import KeyProtocol, Library, Published, similarity
-from library.atomic import atomic_write
 from library.prompt_file import load_prompt
 from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone
 from spot.progress import progress_bar
 from spot.publish import ensure_protocol
-from spot.study import StudyConfig, _write_jsonl, _write_similarities
+from spot.study import StudyConfig, _write_jsonl, _write_similarities, open_study
 from spot.task_embedding import embed_task, key_metadata
-from spot.tasks import Example, Task, get_task
+from spot.tasks import Example, Task
 from spot.train import TrainConfig, TrainingError, train
 from spot.transfer import held_out_score, train_from_prompt
 
@@ -254,15 +253,7 @@ def run_study_on_ray(
 ) -> Path:
     """`spot.study.run_study` with every run a Ray task: the same files, cell for cell.
     `backbone` is the spec each worker loads (`spot.backbones.load`)."""
-    unregistered = dict(tasks or {})
-
-    def task_of(name: str) -> Task:
-        return unregistered[name] if name in unregistered else get_task(name)
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
-    library = Library(out / "library")
+    task_of, out, library = open_study(config, out, tasks)
     cells = list(itertools.product(config.targets, config.seeds))
     root = None if options.run_root is None else str(options.run_root)
     keys: dict[str, np.ndarray] = {}

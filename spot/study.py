@@ -48,12 +48,10 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def run_study(
-    backbone: Backbone, config: StudyConfig, out: str | Path,
-    tasks: Mapping[str, Task] | None = None,
-) -> Path:
-    """Train sources, baselines and every source->target transfer; write the result files.
-    `tasks` holds tasks by name that are not registered (e.g. over the user's files)."""
+def open_study(
+    config: StudyConfig, out: str | Path, tasks: Mapping[str, Task] | None = None,
+) -> tuple[Callable[[str], Task], Path, Library]:
+    """(task by name, the study folder with its study.json written, the study's library)."""
     unregistered = dict(tasks or {})
 
     def task_of(name: str) -> Task:
@@ -62,7 +60,16 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
-    library = Library(out / "library")
+    return task_of, out, Library(out / "library")
+
+
+def run_study(
+    backbone: Backbone, config: StudyConfig, out: str | Path,
+    tasks: Mapping[str, Task] | None = None,
+) -> Path:
+    """Train sources, baselines and every source->target transfer; write the result files.
+    `tasks` holds tasks by name that are not registered (e.g. over the user's files)."""
+    task_of, out, library = open_study(config, out, tasks)
     keys: dict[str, np.ndarray] = {}
     sources: dict[str, Retrieved] = {}
     for name in config.sources:
