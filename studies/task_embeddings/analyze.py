@@ -16,7 +16,7 @@ from library.protocol import KeyProtocol
 
 HERE = Path(__file__).resolve().parent
 PERMUTATIONS = 10_000
-FIGURE_METRICS = {"gradient-lm": ("mean",), "trained-lm": ("delta-mean",),
+FIGURE_METRICS = {"gradient-choices": ("token",), "trained-lm": ("delta-flat",),
                   "answer-words (control)": ("mean",)}
 
 
@@ -71,7 +71,7 @@ def within_between(matrix: np.ndarray, families: list[str]) -> tuple[float, floa
     pairs = list(itertools.combinations(range(len(families)), 2))
     within = [matrix[i, j] for i, j in pairs if families[i] == families[j]]
     between = [matrix[i, j] for i, j in pairs if families[i] != families[j]]
-    return float(np.mean(within)), float(np.mean(between))
+    return float(np.mean(within)), float(np.mean(between)) if between else float("nan")
 
 
 def permutation_p(matrix: np.ndarray, families: list[str], observed: float) -> float:
@@ -146,7 +146,7 @@ def figure(results: dict) -> None:
                   for t, i in zip(tasks, order, strict=True)]
         ax.set_xticks(range(len(tasks)), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(tasks)), labels, fontsize=7)
-        ax.set_title(f"{name}, {metric} cosine")
+        ax.set_title(f"{name}, {metric}")
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     (HERE / "figures").mkdir(exist_ok=True)
