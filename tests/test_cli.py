@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_api import TOKEN, serve
 from tiny_tasks import polarity_rows
 from typer.testing import CliRunner
 
@@ -132,5 +133,9 @@ def test_query_takes_the_users_task_file(cli, tmp_path):
     out = invoke("query", "--task", data, "--labels", "n,p", "--template", "{review}",
                  "--library", library, "--k", 2, "--metric", "flat")
     assert out.index(names[0]) < out.index(names[2])  # the polarity source ranks first
+    with serve(library) as server:  # the same query through the service and its client
+        remote = invoke("query", "--task", data, "--labels", "n,p", "--template", "{review}",
+                        "--remote", server.url, "--token", TOKEN, "--k", 2, "--metric", "flat")
+    assert remote == out
     result = CliRunner().invoke(app, ["query", "--task", str(data), "--library", str(library)])
     assert result.exit_code == 2 and "--labels" in result.output
