@@ -19,9 +19,7 @@ under a per-index lock, and the file is rewritten once it lags by 10% or after a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,39 +30,31 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import safetensors
 
 from library.atomic import TEMP_PREFIX, atomic_write, fsync_dir
 from library.errors import EntryNotFound, LibraryCorrupt, LibraryError
-from library.index import KINDS, IndexKind, KeyIndex, index_metadata
+from library.index import KINDS, IndexKind, KeyIndex
+from library.key_indexes import NO_PROTOCOL, KeyIndexes
 from library.locks import file_lock
 from library.manifest import Entry, Manifest, select, where
-from library.prompt_file import (
-    FIELDS,
-    Metadata,
-    check_prompt,
-    decode_prompt,
-    encode_prompt,
-    load_prompt,
-    metadata_strings,
-    typed_fields,
+from library.objects import (  # noqa: F401 - as_prompt is re-exported
+    PromptLike,
+    _entry_params,
+    _Object,
+    _prepare,
+    _sha256,
+    as_prompt,
 )
-from library.protocol import (
-    RECIPES,
-    KeyProtocol,
-    ProtocolMismatch,
-    check_start,
-    start_bytes,
-)
-from library.similarity import BASE_METRICS, DELTA, check_metric, pool, pooled_dim
+from library.prompt_file import Metadata, check_prompt, decode_prompt, metadata_strings
+from library.protocol import KeyProtocol
+from library.protocols_store import Protocols
+from library.similarity import check_metric, pool
 
-PromptLike = np.ndarray | tuple[np.ndarray, Mapping[str, Any]] | str | os.PathLike[str]
 MANIFEST = "manifest.sqlite"
 ID_LENGTH = 16  # hex digits of the file's sha256 used as entry id
 MAX_LIST = 10_000
 DELETE_LOCK_TIMEOUT = 10.0  # seconds a delete waits for the publishers already inside
 LOG = logging.getLogger(__name__)
-NO_PROTOCOL = "none"  # index file prefix of keys that record no protocol
 
 
 class NoProtocolWarning(UserWarning):
@@ -108,109 +98,8 @@ class VerifyReport:
         return {**dataclasses.asdict(self), "ok": self.ok}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Object:
-    data: bytes
-    sha256: str
-    fields: dict[str, Any]  # typed known fields, plus `extra`
 
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def as_prompt(prompt: PromptLike) -> tuple[np.ndarray, Metadata]:
-    """An array, (array, metadata) pair or prompt-file path -> validated (prompt, metadata)."""
-    if isinstance(prompt, (str, os.PathLike)):
-        return load_prompt(prompt)
-    if isinstance(prompt, tuple):
-        array, metadata = prompt
-        return check_prompt(array), metadata_strings(metadata)
-    return check_prompt(prompt), {}
-
-
-def _prepare(prompt: PromptLike, role: str, common: Metadata) -> _Object:
-    """Merge a prompt's own metadata with the publish metadata and encode its object file."""
-    array, meta = as_prompt(prompt)
-    for name, value in common.items():
-        if meta.get(name, value) != value:
-            raise LibraryError(
-                f"{role} metadata {name!r}: the prompt says {meta[name]!r}, the request says {value!r}"
-            )
-        meta[name] = value
-    if meta.get("role", role) != role:
-        raise LibraryError(f"a prompt with role {meta['role']!r} was given as the {role}")
-    meta["role"] = role
-    for required in ("task", "backbone"):
-        if not meta.get(required):
-            raise LibraryError(f"{role} metadata must include a non-empty {required!r}")
-    data = encode_prompt(array, meta)
-    fields = {**typed_fields(meta), "length": array.shape[0], "d_model": array.shape[1]}
-    fields["extra"] = {
-        name: text for name, text in meta.items() if name not in FIELDS and name != "protocol"
-    }
-    fields["protocol"] = _key_protocol(meta, role, array.shape[0])
-    return _Object(data, _sha256(data), fields)
-
-
-def _key_protocol(meta: Metadata, role: str, length: int) -> KeyProtocol | None:
-    """The protocol a key's metadata records (its JSON under "protocol"), checked against it."""
-    if "protocol" not in meta:
-        return None
-    if role != "key":
-        raise LibraryError(f"only keys record a key protocol, not a {role}")
-    protocol = KeyProtocol.from_json(meta["protocol"])
-    if protocol.backbone != meta["backbone"] or protocol.prompt_length != length:
-        raise ProtocolMismatch(
-            f"key of backbone {meta['backbone']} with length {length} names a protocol for "
-            f"{protocol.backbone} with length {protocol.prompt_length}"
-        )
-    return protocol
-
-
-def _entry_params(obj: _Object, entry_id: str, created: float) -> dict[str, Any]:
-    fields = obj.fields
-    return {
-        **{
-            name: fields.get(name)
-            for name in (
-                "task",
-                "backbone",
-                "role",
-                "step",
-                "score",
-                "metric",
-                "init",
-                "seed",
-            )
-        },
-        "id": entry_id,
-        "sha256": obj.sha256,
-        "length": fields["length"],
-        "d_model": fields["d_model"],
-        "created": created,
-        "extra": json.dumps(fields["extra"], sort_keys=True),
-        "protocol": fields["protocol"].id if fields["protocol"] is not None else None,
-    }
-
-
-def _file_generation(path: Path) -> int:
-    """The generation recorded in an index file, -1 if absent or unreadable."""
-    try:
-        return int(index_metadata(path)["generation"])
-    except Exception:  # noqa: BLE001 - index files are derived data: damage just means "rebuild"
-        return -1
-
-
-def _read_index(path: Path) -> KeyIndex | None:
-    """The index file at `path`, or None if absent or unreadable."""
-    try:
-        return KeyIndex.from_file(path)
-    except Exception:  # noqa: BLE001 - index files are derived data: damage just means "rebuild"
-        return None
-
-
-class Library:
+class Library(Protocols, KeyIndexes):
     """A directory of published soft prompts with similarity search over their keys.
 
     Safe for many threads and processes at once. `index_kind` is "flat" (exact), "hnsw" or
@@ -319,34 +208,6 @@ class Library:
                 f"backbone {backbone!r} has d_model {known[0]}, this prompt has {d_model}"
             )
 
-    @staticmethod
-    def _check_key_protocol(conn: Any, backbone: str, protocol: KeyProtocol | None) -> None:
-        """Refuse a key whose protocol is not the library's for its backbone and recipe."""
-        held = {
-            recipe: KeyProtocol.from_json(spec)
-            for recipe, spec in conn.execute(
-                "SELECT recipe, spec FROM protocols WHERE backbone = ?", (backbone,)
-            )
-        }
-        if protocol is None:
-            if held:
-                raise ProtocolMismatch(
-                    f"keys of backbone {backbone} in this library follow the key protocols "
-                    f"{sorted(p.id for p in held.values())}; this key records none"
-                )
-            return
-        mine = held.get(protocol.recipe)
-        if mine is None:
-            raise ProtocolMismatch(
-                f"this library has no {protocol.recipe!r} key protocol for backbone {backbone}; "
-                f"register protocol {protocol.id} first (Library.register_protocol)"
-            )
-        if mine != protocol:
-            raise ProtocolMismatch(
-                f"this key was made by {protocol.recipe} protocol {protocol.id}, the library's is "
-                f"{mine.id}; they differ in " + "; ".join(protocol.differences(mine))
-            )
-
     def _insert(self, conn: Any, obj: _Object, created: float) -> str:
         entry_id = obj.sha256[:ID_LENGTH]
         row = conn.execute("SELECT sha256 FROM entries WHERE id = ?", (entry_id,)).fetchone()
@@ -385,47 +246,6 @@ class Library:
             path.parent.mkdir(exist_ok=True)
             fsync_dir(path.parent.parent)
         atomic_write(path, obj.data)
-
-    def register_protocol(
-        self, protocol: KeyProtocol, start: Any, *, default: bool = False
-    ) -> KeyProtocol:
-        """Record how keys of `protocol.backbone` and `protocol.recipe` are made, with its start
-        prompt [L, d]. Idempotent; a different protocol for the same backbone and recipe is
-        refused (ProtocolMismatch naming what differs). The backbone's first protocol, or one
-        registered with `default`, is the one queries use when they name no recipe."""
-        data = start_bytes(start, protocol.backbone)
-        array = check_start(protocol, data)
-        obj = _Object(data, _sha256(data), {})
-        with file_lock(self._lock_path, shared=True), self._manifest.write() as conn:
-            self._ensure_backbone(conn, protocol.backbone, array.shape[1])
-            row = conn.execute(
-                "SELECT spec FROM protocols WHERE backbone = ? AND recipe = ?",
-                (protocol.backbone, protocol.recipe),
-            ).fetchone()
-            if row is not None and KeyProtocol.from_json(row[0]) != protocol:
-                held = KeyProtocol.from_json(row[0])
-                raise ProtocolMismatch(
-                    f"this library's {protocol.recipe} key protocol for {protocol.backbone} is "
-                    f"{held.id}; protocol {protocol.id} differs in "
-                    + "; ".join(protocol.differences(held))
-                )
-            (count,) = conn.execute(
-                "SELECT count(*) FROM protocols WHERE backbone = ?", (protocol.backbone,)
-            ).fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO protocols (id, backbone, recipe, spec, created) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (protocol.id, protocol.backbone, protocol.recipe, protocol.to_json(),
-                     time.time()),
-                )
-            if default or count == 0:
-                conn.execute(
-                    "UPDATE protocols SET is_default = (id = ?) WHERE backbone = ?",
-                    (protocol.id, protocol.backbone),
-                )
-            self._write_object(obj)
-        return protocol
 
     def delete(self, entry_id: str) -> list[str]:
         """Remove a source: the entry, its pair, and every other key of that value.
@@ -533,47 +353,6 @@ class Library:
         atomic_write(path, self.read_bytes(entry_id))
         return Path(path)
 
-    # ---- key protocols -------------------------------------------------------------------
-
-    def protocols(self, backbone: str | None = None) -> list[tuple[KeyProtocol, bool]]:
-        """Every key protocol (of `backbone`, if given) with whether it is its backbone's default."""
-        with self._manifest.read() as conn:
-            rows = conn.execute(
-                "SELECT spec, is_default FROM protocols WHERE ?1 IS NULL OR backbone = ?1 "
-                "ORDER BY backbone, recipe",
-                (backbone,),
-            ).fetchall()
-        return [(KeyProtocol.from_json(spec), bool(is_default)) for spec, is_default in rows]
-
-    def resolve_protocol(self, backbone: str, recipe: str | None = None) -> KeyProtocol | None:
-        """The protocol a query of `backbone` uses: `recipe`'s, else the default; None when the
-        backbone's keys record no protocol (a library from before protocols)."""
-        held = self.protocols(backbone)
-        if recipe is not None:
-            if recipe not in RECIPES:
-                raise LibraryError(f"unknown key recipe {recipe!r}; choose one of {RECIPES}")
-            for protocol, _ in held:
-                if protocol.recipe == recipe:
-                    return protocol
-            raise LibraryError(
-                f"this library has no {recipe!r} key protocol for backbone {backbone}; it has "
-                f"{sorted(p.recipe for p, _ in held) or 'none'}"
-            )
-        return next((protocol for protocol, default in held if default), None)
-
-    def protocol_start(self, protocol: KeyProtocol) -> np.ndarray:
-        """The start prompt [L, d] of a registered protocol, checked against its hash."""
-        with file_lock(self._lock_path, shared=True):
-            return check_start(protocol, self._read_object(f"protocol {protocol.id}", protocol.start))
-
-    def protocol(
-        self, backbone: str, recipe: str | None = None
-    ) -> tuple[KeyProtocol, np.ndarray] | None:
-        """The protocol a query of `backbone` follows (see `resolve_protocol`) and its start
-        prompt; None when the backbone's keys record no protocol."""
-        protocol = self.resolve_protocol(backbone, recipe)
-        return None if protocol is None else (protocol, self.protocol_start(protocol))
-
     # ---- search --------------------------------------------------------------------------
 
     def query(
@@ -641,72 +420,6 @@ class Library:
             for row_ids, row_scores in zip(rowids.tolist(), scores.tolist(), strict=True)
         ]
 
-    def _space(
-        self, backbone: str, protocol: KeyProtocol | None, metric: str
-    ) -> tuple[int | None, np.ndarray | None]:
-        """(the key length a metric needs, or None; the start prompt a delta metric needs)."""
-        if metric.startswith(DELTA) and (protocol is None or protocol.recipe != "trained"):
-            raise LibraryError(
-                f"metric {metric!r} compares displacements from a shared start: it needs keys of "
-                "a 'trained' key protocol"
-            )
-        start = self.protocol_start(protocol) if metric.startswith(DELTA) else None
-        if not metric.endswith("flat"):
-            return None, start
-        if protocol is not None:
-            return protocol.prompt_length, start
-        with self._manifest.read() as conn:
-            lengths = [n for (n,) in conn.execute(
-                "SELECT DISTINCT length FROM entries WHERE backbone = ? AND role = 'key' "
-                "AND protocol IS NULL", (backbone,))]
-        if len(lengths) > 1:
-            raise LibraryError(f"metric {metric!r} needs keys of one length, found {sorted(lengths)}")
-        return (lengths[0] if lengths else None), None
-
-    def _index_path(self, backbone: str, pid: str | None, metric: str, kind: str) -> Path:
-        folder = hashlib.sha256(backbone.encode()).hexdigest()[:16]
-        return self.root / "indexes" / folder / f"{pid or NO_PROTOCOL}.{metric}.{kind}.safetensors"
-
-    @staticmethod
-    def _index_meta(backbone: str, pid: str | None, metric: str) -> dict[str, str]:
-        return {"backbone": backbone, "protocol": pid or NO_PROTOCOL, "metric": metric}
-
-    def _index(
-        self,
-        backbone: str,
-        pid: str | None,
-        metric: str,
-        kind: IndexKind,
-        generation: int,
-        *,
-        persist: bool = False,
-    ) -> KeyIndex:
-        """The (backbone, protocol, metric, kind) index at `generation` or later, refreshed if stale."""
-        name = (backbone, pid or NO_PROTOCOL, metric, kind)
-        cached = self._cache.get(name)
-        if cached is not None and cached[0].generation >= generation and not persist:
-            return cached[0]
-        path = self._index_path(backbone, pid, metric, kind)
-        with contextlib.suppress(OSError):  # read-only or full: the index is kept in memory
-            path.parent.mkdir(exist_ok=True)
-        with file_lock(path.with_suffix(".lock")):
-            cached = self._cache.get(name)
-            if cached is not None and cached[0].generation >= generation and not persist:
-                return cached[0]
-            base, on_disk = cached if cached is not None else (None, 0)
-            if _file_generation(path) > (-1 if base is None else base.generation):
-                disk = _read_index(path)
-                if disk is not None:
-                    base, on_disk = disk, len(disk)
-            index, rebuilt = self._refresh(backbone, pid, metric, kind, base)
-            due = rebuilt or (len(index) - on_disk) * 10 >= len(index)
-            if persist or (due and not self.read_only):
-                data = index.to_bytes(self._index_meta(backbone, pid, metric))
-                if self._save_index(path, data, required=persist):
-                    on_disk = len(index)
-            self._cache[name] = (index, on_disk)
-            return index
-
     def _save_index(self, path: Path, data: bytes, *, required: bool) -> bool:
         """Write an index file; whether it was written. Unless `required`, a failed write (a
         full disk) only keeps the index in memory, so queries go on."""
@@ -719,49 +432,6 @@ class Library:
             LOG.warning("index %s kept in memory: %s", path.name, err.strerror or err)
             return False
         return True
-
-    def _refresh(
-        self, backbone: str, pid: str | None, metric: str, kind: IndexKind, base: KeyIndex | None
-    ) -> tuple[KeyIndex, bool]:
-        """`base` brought up to the manifest: new keys appended, or rebuilt if keys were removed."""
-        key_rows = "FROM entries WHERE backbone = ? AND role = 'key' AND protocol IS ?"
-        protocol = None
-        if pid is not None:
-            protocol = next((p for p, _ in self.protocols(backbone) if p.id == pid), None)
-            if protocol is None:
-                raise LibraryError(f"no key protocol {pid} for backbone {backbone}")
-        length, start = self._space(backbone, protocol, metric)
-        with file_lock(self._lock_path, shared=True):
-            with self._manifest.read() as conn:
-                d_model, generation = conn.execute(
-                    "SELECT d_model, generation FROM backbones WHERE backbone = ?",
-                    (backbone,),
-                ).fetchone()
-                if base is not None and base.generation == generation:
-                    return base, False
-                last = int(base.rowids.max()) if base is not None and len(base) else 0
-                new = conn.execute(
-                    f"SELECT seq, id, sha256 {key_rows} AND seq > ? ORDER BY seq",
-                    (backbone, pid, last),
-                ).fetchall()
-                (count,) = conn.execute(f"SELECT count(*) {key_rows}", (backbone, pid)).fetchone()
-                removed = base is not None and len(base) + len(new) != count
-                alive = (
-                    [seq for (seq,) in conn.execute(f"SELECT seq {key_rows}", (backbone, pid))]
-                    if removed
-                    else []
-                )
-            width = pooled_dim(metric, length or 1, d_model)
-            vectors = np.zeros((len(new), width), np.float32)
-            for i, (_, entry_id, sha) in enumerate(new):
-                key = decode_prompt(self._read_object(entry_id, sha))[0]
-                vectors[i] = pool(key, metric, start)
-        rowids = np.array([seq for seq, _, _ in new], dtype=np.int64)
-        if base is None:
-            return KeyIndex.build(kind, width, rowids, vectors, generation), True
-        if removed:
-            base = base.kept(np.isin(base.rowids, alive), generation)
-        return base.added(rowids, vectors, generation), removed
 
     # ---- maintenance ---------------------------------------------------------------------
 
@@ -809,77 +479,3 @@ class Library:
             ],
             repaired=repair,
         )
-
-    def _stale_indexes(self) -> list[tuple[str, str | None, str, IndexKind]]:
-        """(backbone, protocol, metric, kind) of index files whose generation or keys disagree
-        with the manifest.
-
-        Unreadable index files, ones of an older layout, or of a backbone or protocol the
-        manifest does not know, are removed.
-        """
-        stale = []
-        for path in sorted((self.root / "indexes").glob("*/*.safetensors")):
-            try:
-                meta = index_metadata(path)
-                backbone, metric, kind, generation = (
-                    meta["backbone"],
-                    meta["metric"],
-                    meta["kind"],
-                    int(meta["generation"]),
-                )
-                pid = None if meta["protocol"] == NO_PROTOCOL else meta["protocol"]
-                with safetensors.safe_open(str(path), framework="np") as handle:
-                    rowids = set(handle.get_tensor("rowids").tolist())
-            except Exception:  # noqa: BLE001 - derived data: remove, it is rebuilt on use
-                path.unlink(missing_ok=True)
-                continue
-            with self._manifest.read() as conn:
-                current = conn.execute(
-                    "SELECT generation FROM backbones WHERE backbone = ?", (backbone,)
-                ).fetchone()
-                known = pid is None or conn.execute(
-                    "SELECT 1 FROM protocols WHERE id = ?", (pid,)
-                ).fetchone()
-                alive = {
-                    seq
-                    for (seq,) in conn.execute(
-                        "SELECT seq FROM entries WHERE backbone = ? AND role = 'key' "
-                        "AND protocol IS ?",
-                        (backbone, pid),
-                    )
-                }
-            if current is None or not known:
-                path.unlink(missing_ok=True)
-            elif current[0] != generation or rowids != alive:
-                stale.append((backbone, pid, metric, kind))
-        return stale
-
-    def rebuild(self) -> dict[str, int]:
-        """Recompute every index from the prompt files: the index files on disk, plus this
-        library's kind for the "mean" and "token" metrics of every protocol that has keys.
-
-        Returns the number of keys in each index, by "backbone/protocol.metric.kind".
-        """
-        wanted = set()
-        for path in (self.root / "indexes").glob("*/*.safetensors"):
-            try:
-                meta = index_metadata(path)
-                pid = None if meta["protocol"] == NO_PROTOCOL else meta["protocol"]
-                wanted.add((meta["backbone"], pid, meta["metric"], meta["kind"]))
-            except Exception:  # noqa: BLE001 - derived data of an older layout: rebuilt below
-                pass
-            path.unlink(missing_ok=True)
-        with self._manifest.read() as conn:
-            groups = conn.execute(
-                "SELECT DISTINCT backbone, protocol FROM entries WHERE role = 'key'"
-            ).fetchall()
-        wanted |= {(b, pid, m, self.index_kind) for b, pid in groups for m in BASE_METRICS[:2]}
-        registered = {p.id for p, _ in self.protocols()}
-        sizes = {}
-        for backbone, pid, metric, kind in sorted(wanted, key=str):
-            if kind not in KINDS or (pid is not None and pid not in registered):
-                continue
-            self._cache.pop((backbone, pid or NO_PROTOCOL, metric, kind), None)
-            index = self._index(backbone, pid, metric, kind, 0, persist=True)
-            sizes[f"{backbone}/{pid or NO_PROTOCOL}.{metric}.{kind}"] = len(index)
-        return sizes

@@ -14,11 +14,10 @@ import binascii
 import json
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import uvicorn
@@ -29,8 +28,6 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
-from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException
 
 from library import (
@@ -39,8 +36,6 @@ from library import (
     Library,
     LibraryCorrupt,
     LibraryError,
-    Published,
-    decode_prompt,
 )
 from library.locks import LockTimeout
 from library.protocol import KeyProtocol, ProtocolMismatch, check_start, start_bytes
@@ -50,13 +45,22 @@ from retrieval_api.body_limit import BodyLimitMiddleware, lower_body_limit
 from retrieval_api.failures import READ_ONLY, FailureMiddleware, busy
 from retrieval_api.limits import DEFAULT_MAX_PROMPT_LENGTH, DEFAULT_MAX_UPLOAD_BYTES, Limits
 from retrieval_api.metrics import Metrics, MetricsMiddleware
+from retrieval_api.openapi import _PUBLISH_BODY, _QUERY_BODY, ERRORS, _error, _validation_error
+from retrieval_api.request_helpers import (
+    KnownBackbones,
+    _check_width,
+    _json_prompt,
+    _prompt_file,
+    _publish,
+    _scrubber,
+    _writable,
+)
 from retrieval_api.schemas import (
     MAX_PAGE,
     BackboneList,
     DeleteOut,
     EntryList,
     EntryOut,
-    ErrorOut,
     Health,
     ProtocolIn,
     ProtocolList,
@@ -72,208 +76,6 @@ NO_PROTOCOL_WARNING = (
     "the keys of this backbone record no key protocol: similarities compare however each key "
     "was made"
 )
-BACKBONES_TTL_SECONDS = 1.0
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorOut, "description": text}
-    for status, text in (
-        (400, "Malformed prompt, metadata or query"),
-        (401, "Missing or invalid bearer token"),
-        (403, "The library is served read-only"),
-        (404, "No such entry"),
-        (409, "A key protocol other than the library's for that backbone and recipe"),
-        (413, "Request body too large"),
-        (415, "Unsupported content type"),
-        (422, "Request does not match the schema"),
-        (500, "Library damaged on the server"),
-        (503, "Library busy: retry after Retry-After seconds"),
-        (507, "The library's disk is full"),
-    )
-}
-_PUBLISH_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["key"],
-                "properties": {
-                    "key": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "key prompt file (early checkpoint)",
-                    },
-                    "value": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "value prompt file (best checkpoint)",
-                    },
-                    "metadata": {
-                        "type": "string",
-                        "description": 'JSON object, e.g. {"task": "rte", "backbone": "..."}',
-                    },
-                },
-            }
-        }
-    },
-}
-_QUERY_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {"schema": QueryJSON.model_json_schema()},
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["prompt"],
-                "properties": {
-                    "prompt": {"type": "string", "format": "binary", "description": "prompt file"},
-                    **QueryOptions.model_json_schema()[
-                        "properties"
-                    ],  # backbone defaults to the file's
-                },
-            }
-        },
-    },
-}
-
-
-def _error(
-    status: int, message: str, detail: Any = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    body = {"error": message} if detail is None else {"error": message, "detail": detail}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _validation_error(errors: Iterable[Any]) -> JSONResponse:
-    detail = [
-        {
-            "loc": list(e.get("loc", ())),
-            "msg": str(e.get("msg", "")),
-            "type": str(e.get("type", "")),
-        }
-        for e in errors
-    ]
-    summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in detail)
-    return _error(422, f"invalid request: {summary}", detail)
-
-
-def _json_object(text: str | None, what: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as err:  # also integers of over 4300 digits
-        raise LibraryError(f"{what} is not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise LibraryError(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _prompt_file(upload: Any, what: str, limits: Limits) -> tuple[np.ndarray, dict[str, str]]:
-    """An uploaded prompt file, decoded and checked against the limits (runs off the loop)."""
-    if not isinstance(upload, StarletteUploadFile):
-        raise LibraryError(f"{what} must be an uploaded prompt file")
-    try:
-        array, metadata = decode_prompt(upload.file.read())
-    except LibraryError as err:
-        raise LibraryError(f"{what}: {err}") from None
-    limits.check_length(array.shape[0], what)
-    limits.check_metadata(metadata, f"{what} metadata")
-    return array, metadata
-
-
-def _check_width(width: int, d_model: int, backbone: str) -> None:
-    if width != d_model:
-        raise LibraryError(f"query prompt has d_model {width}, backbone {backbone!r} has {d_model}")
-
-
-def _json_prompt(request: QueryJSON, d_model: int, limits: Limits) -> np.ndarray:
-    """The query prompt of a JSON body, its shape checked before it is converted."""
-    if (request.prompt is None) == (request.prompt_base64 is None):
-        raise LibraryError(
-            "give exactly one of 'prompt' (nested lists) or 'prompt_base64' (with 'shape')"
-        )
-    if request.prompt is not None:
-        limits.check_length(len(request.prompt), "query prompt")
-        widths = {len(row) for row in request.prompt}
-        if len(widths) > 1:
-            raise LibraryError("prompt rows must all have the same length (d_model)")
-        _check_width(widths.pop(), d_model, request.backbone)
-        return np.array(request.prompt, dtype=np.float64)
-    if request.shape is None:
-        raise LibraryError("'prompt_base64' needs 'shape': [length, d_model]")
-    length, width = request.shape
-    limits.check_length(length, "query prompt")
-    _check_width(width, d_model, request.backbone)
-    try:
-        data = base64.b64decode(request.prompt_base64, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise LibraryError(f"prompt_base64 is not valid base64: {err}") from None
-    if len(data) != length * width * 4:
-        raise LibraryError(
-            f"prompt_base64 holds {len(data)} bytes, shape {request.shape} needs "
-            f"{length * width * 4} (float32)"
-        )
-    return np.frombuffer(data, dtype="<f4").reshape(length, width)
-
-
-def _publish(library: Library, form: FormData, limits: Limits) -> Published:
-    """Decode, check and publish the prompt files of a publish form (runs off the loop)."""
-    text = form.get("metadata")
-    if text is not None and not isinstance(text, str):
-        raise LibraryError("metadata must be a form field, not a file")
-    common = _json_object(text, "metadata")
-    limits.check_metadata(common, "metadata")
-    key = _prompt_file(form.get("key"), "key", limits)
-    value = form.get("value")
-    value_prompt = None if value is None else _prompt_file(value, "value", limits)
-    for _, metadata in [key] + ([] if value_prompt is None else [value_prompt]):
-        limits.check_metadata({**metadata, **common}, "merged metadata")
-    return library.publish(key, value_prompt, common)
-
-
-def _scrubber(root: Path) -> Callable[[str], str]:
-    """Removes the library's absolute location from messages (paths become library-relative)."""
-    prefixes = sorted({f"{root}{os.sep}", f"{root.resolve()}{os.sep}"}, key=len, reverse=True)
-
-    def scrub(message: str) -> str:
-        for prefix in prefixes:
-            message = message.replace(prefix, "")
-        return message
-
-    return scrub
-
-
-def _writable(root: Path) -> bool:
-    """Whether this process may write the library at `root` (or create it)."""
-    manifest = root / "manifest.sqlite"
-    if not root.exists():
-        return True
-    return os.access(root, os.W_OK) and (not manifest.exists() or os.access(manifest, os.W_OK))
-
-
-class KnownBackbones:
-    """The library's backbones and their d_model, re-read at most once per `ttl` seconds."""
-
-    def __init__(self, library: Library, ttl: float = BACKBONES_TTL_SECONDS) -> None:
-        self.library, self.ttl = library, ttl
-        self._known: dict[str, int] = {}
-        self._read_at = -float("inf")
-
-    async def get(self, *, fresh: bool = False) -> dict[str, int]:
-        if fresh or time.monotonic() - self._read_at > self.ttl:
-            self._known = await run_in_threadpool(self.library.backbones)
-            self._read_at = time.monotonic()
-        return self._known
-
-    async def d_model(self, backbone: str, *, list_known: bool) -> int:
-        """The backbone's d_model; LibraryError naming the known ones (if `list_known`) if none."""
-        known = await self.get()
-        if backbone not in known:
-            known = await self.get(fresh=True)
-        if backbone not in known:
-            listing = f"; this library has {sorted(known)}" if list_known else ""
-            raise LibraryError(f"unknown backbone {backbone!r}{listing}")
-        return known[backbone]
 
 
 def create_app(

@@ -14,16 +14,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from spot.backbones.base import Backbone, BackboneError
-from spot.backbones.t5 import (
-    Dropout,
-    T5Config,
-    T5Transformer,
-    init_t5,
-    load_t5_dir,
-    shift_right,
-    t5_logits,
-    t5_params_to_hf,
-)
+from spot.backbones.t5 import Dropout, T5Config, T5Transformer
+from spot.backbones.t5_fns import shift_right, t5_logits
+from spot.backbones.t5_loader import init_t5, load_t5_dir, t5_params_to_hf
 
 TINY = dict(
     vocab_size=100,

@@ -98,7 +98,7 @@ def _load_dir(path: Path, name: str) -> Backbone:
 
         return load_llama_dir(path, name=name)
     if model_type == "t5":
-        from spot.backbones.t5 import load_t5_dir
+        from spot.backbones.t5_loader import load_t5_dir
 
         return load_t5_dir(path)
     raise BackboneError(f"{path}: model_type {model_type!r} is not supported (llama, t5)")
