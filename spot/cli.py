@@ -21,6 +21,7 @@ from spot.cli_common import (
     LabelField,
     Labels,
     LibraryDir,
+    Recipes,
     Remote,
     TaskArgs,
     TaskName,
@@ -126,8 +127,7 @@ def train_source(
     token: Token = None,
     backbone: ConfigBackbone = None,
     config: ConfigFile = None,
-    recipe: Annotated[list[str] | None, typer.Option(
-        help="key recipe(s) to publish, each by the library's protocol (default: gradient)")] = None,
+    recipe: Recipes = None,
     labels: Labels = None,
     template: Template = DEFAULT_TEMPLATE,
     label_field: LabelField = "label",

@@ -42,6 +42,8 @@ TRAIN_FIELDS = tuple(f for f in dataclasses.fields(TrainConfig) if f.name not in
 TASK_HELP = ("registered task name; a .jsonl/.csv/.tsv file (with --labels, --template, "
              "--label-field); or a .json task spec {data, labels, template, label_field, ...}")
 TaskName = Annotated[str, typer.Option(help=TASK_HELP)]
+Recipes = Annotated[list[str] | None, typer.Option(
+    help="key recipe(s) to publish, each by the library's protocol (default: gradient)")]
 Labels = Annotated[str | None, typer.Option(
     help="a task file's label values, comma-separated, in choice order (e.g. neg,pos)")]
 Template = Annotated[str, typer.Option(help="a task file's prompt: str.format over its fields")]

@@ -19,6 +19,7 @@ from spot.cli_common import (
     LabelField,
     Labels,
     RayAddress,
+    Recipes,
     SharedRuns,
     TaskArgs,
     Template,
@@ -136,8 +137,7 @@ def library_build(
         "runs/sources"),
     backbone: ConfigBackbone = None,
     config: ConfigFile = None,
-    recipe: Annotated[list[str] | None, typer.Option(
-        help="key recipe(s) to publish, each by the library's protocol (default: gradient)")] = None,
+    recipe: Recipes = None,
     labels: Labels = None,
     template: Template = DEFAULT_TEMPLATE,
     label_field: LabelField = "label",
