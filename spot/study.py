@@ -23,10 +23,11 @@ from rich.console import Console
 
 from library import Library, similarity
 from library.atomic import atomic_write
+from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone
 from spot.tasks import Task, get_task
 from spot.train import TrainConfig, train
-from spot.transfer import Retrieved, run_transfer
+from spot.transfer import Retrieved, held_out_score, run_transfer
 
 console = Console()
 
@@ -88,18 +89,22 @@ def run_study(
             console.print(f"[bold]target[/bold] {target} seed {seed}")
             target_config = dataclasses.replace(config.target, task=target, seed=seed)
             base_dir = out / "targets" / target / f"seed{seed}"
-            query = train(backbone, task, target_config, base_dir / "baseline").key
+            baseline = train(backbone, task, target_config, base_dir / "baseline")
+            base_score = held_out_score(backbone, task, baseline, config.test_examples)
+            query = baseline.key  # the baseline run is trained once: its key is the query
             keys[f"{target}@{seed}"] = query
             found = [dataclasses.replace(r, similarity=similarity(keys[r.task], query, "token"))
                      for r in sources.values()]
             report = run_transfer(backbone, task, target_config, base_dir, retrieved=found,
-                                  test_examples=config.test_examples, test_every_run=True)
+                                  baseline=False, test_examples=config.test_examples,
+                                  test_every_run=True)
             for source in config.sources:
+                score = report.test_scores[source]
                 rows.append({
                     "source": source, "target": target, "seed": seed, "metric": report.metric,
-                    "steps": target_config.steps, "baseline_score": report.baseline_score,
-                    "transfer_score": report.test_scores[source],
-                    "relative_error_reduction": report.relative_error_reduction(source),
+                    "steps": target_config.steps, "baseline_score": base_score,
+                    "transfer_score": score,
+                    "relative_error_reduction": relative_error_reduction(base_score, score),
                     "sim_mean": similarity(keys[source], query, "mean"),
                     "sim_token": similarity(keys[source], query, "token"),
                 })
