@@ -34,6 +34,17 @@ def study(
     targets: Annotated[str, typer.Option(help="comma-separated target tasks (names or files)")],
     out: Annotated[Path, typer.Option(help="study folder (resumes)")] = Path("studies/run"),
     seeds: Annotated[str, typer.Option(help="comma-separated seeds of the target runs")] = "0",
+    library: Annotated[Path | None, typer.Option(
+        help="take the sources' values and keys from this library (no source runs)")] = None,
+    pick_seeds: Annotated[str, typer.Option(
+        help="with --library: more seeds, run on each target's top-k picks only")] = "",
+    k: Annotated[int, typer.Option(help="with --library: picks per target and sources in the "
+                                   "weighted init")] = 3,
+    pick_by: Annotated[str | None, typer.Option(
+        help="similarity ranking the picks, e.g. gradient/token (default: the library's "
+             "default recipe, token)")] = None,
+    baseline_inits: Annotated[str, typer.Option(
+        help="'|'-separated inits; the baseline takes the best on validation at seed 0")] = "",
     source_config: Annotated[Path | None, typer.Option(
         help="JSON TrainConfig of the source runs")] = None,
     target_config: Annotated[Path | None, typer.Option(
@@ -54,7 +65,8 @@ def study(
     cpus_per_run: CpusPerRun = 1,
     shared_runs: SharedRuns = False,
 ) -> None:
-    """Train sources, baselines and every source->target transfer; write results.jsonl.
+    """Train sources (or take them from --library), baselines and every source->target
+    transfer; write results.jsonl.
 
     Both configs start from TrainConfig's defaults and the backbone's recommended overrides;
     flags win. Task files share --labels, --template and --label-field; a .json task spec has
@@ -66,28 +78,37 @@ def study(
     args = TaskArgs(labels, template, label_field)
     given = {name: _task(name, args) for name in {*sources.split(","), *targets.split(",")}}
     names = {name: task.name for name, task in given.items()}
-    try:
-        seed_list = tuple(int(s) for s in seeds.split(","))
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    seed_list, pick_list = _seeds("--seeds", seeds), _seeds("--pick-seeds", pick_seeds)
     shared = dict(backbone=backbone, key_step=key_step, prompt_length=prompt_length,
                   batch_size=batch_size, eval_examples=eval_examples)
     source_names = tuple(names[s] for s in sources.split(","))
     target_names = tuple(names[t] for t in targets.split(","))
+    if library is not None and (source_config or source_steps):
+        raise ValueError("--library takes its sources from the library: no source config")
     config = StudyConfig(
         source_names, target_names,
-        TrainConfig.build(source_config, task=source_names[0], steps=source_steps, **shared),
+        None if library else TrainConfig.build(
+            source_config, task=source_names[0], steps=source_steps, **shared),
         TrainConfig.build(target_config, task=target_names[0], steps=target_steps, **shared),
-        seed_list, **({} if test_examples is None else {"test_examples": test_examples}))
+        seed_list, **({} if test_examples is None else {"test_examples": test_examples}),
+        library=None if library is None else str(library), pick_seeds=pick_list, k=k,
+        pick_by=pick_by, baseline_inits=tuple(i for i in baseline_inits.split("|") if i))
     files = {task.name: task for task in given.values() if task.name not in list_tasks()}
     if ray is None:
-        run_study(backbones.load(config.source.backbone), config, out, files)
+        run_study(backbones.load(config.target.backbone), config, out, files)
     else:
         from spot.ray_runner import ray_options, run_study_on_ray
 
-        run_study_on_ray(config.source.backbone, config, out, files,
+        run_study_on_ray(config.target.backbone, config, out, files,
                          ray_options(ray, cpus_per_run, out, shared_runs))
     console.print(f"results in {out / 'results.jsonl'}")
+
+
+def _seeds(option: str, given: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in given.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {given!r}") from None
 
 
 @_command()
@@ -95,7 +116,8 @@ def heatmap(
     results: Annotated[Path, typer.Argument(help="study folder")],
     out: Annotated[Path, typer.Option(help="where the PNGs go")] = Path("figures"),
 ) -> None:
-    """Transferability figures (similarity, transfer, scatter, retrieval curve) as PNG."""
+    """Transferability figures as PNG: similarity heatmaps and scatters per similarity name,
+    the transfer heatmap, the retrieval curve and retrieval quality."""
     from spot.figures import write_figures
 
     for path in write_figures(results, out):

@@ -1,10 +1,10 @@
 """`make demo`: SPoT on a new target task with the shipped default prompt library.
 
-1. load SmolLM2-135M-Instruct; 2. run the transfer pipeline (`spot.transfer.run_transfer`):
-embed the target as the library's keys were made, retrieve the top-k source prompts from the
-default library, tune the target from their similarity-weighted average and, at the same budget,
-from its own init (the baseline); 3. print the table and write the transferability figures of
-the committed study.
+1. load SmolLM2-135M-Instruct; 2. run the transfer pipeline (`spot.transfer.run_transfer`): embed
+the target by the library's key protocol, retrieve the top-k source prompts, tune the target from
+their similarity-weighted average and, at the same budget and seed, from its own init (the
+baseline); 3. print both next to what the default library's transfer grid measured for this
+target over three seeds (`studies/default_library/grid`), so one run is read against the spread.
 
     python -m spot.demo [--task NAME | --task FILE.jsonl --labels neg,pos --template "..."]
 """
@@ -12,6 +12,9 @@ the committed study.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import statistics
 import time
 from pathlib import Path
 
@@ -27,8 +30,9 @@ from spot.transfer import run_transfer
 
 console = Console()
 DEFAULT_LIBRARY = REPO_ROOT / "spot" / "default_library"
-DEFAULT_TARGET = "bigbench_social_support"
-STUDY = REPO_ROOT / "studies" / "smollm2"
+STUDY = REPO_ROOT / "studies" / "default_library"
+GRID = STUDY / "grid"
+DEFAULT_TARGET = "bigbench_implicatures"  # a grid target, not a source; rebuilds from PyPI data
 
 
 def _target(args: argparse.Namespace) -> Task:
@@ -40,6 +44,40 @@ def _target(args: argparse.Namespace) -> Task:
     return get_task(args.task)
 
 
+def _rows(name: str, target: str) -> list[dict]:
+    path = GRID / name
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["target"] == target]
+
+
+def _spread(scores: list[float]) -> str:
+    if not scores:
+        return "–"
+    if len(scores) == 1:
+        return f"{scores[0]:.2f} (1 seed)"
+    return f"{statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f} ({len(scores)} seeds)"
+
+
+def study_table(target: str, baseline: float, transfer: float, k: int) -> Table | None:
+    """This run beside the grid's numbers for `target` (None: the grid has not run it)."""
+    cells, weighted = _rows("results.jsonl", target), _rows("weighted.jsonl", target)
+    if not cells:
+        return None
+    seed0 = [r for r in cells if r["seed"] == 0]
+    baselines = {r["seed"]: r["baseline_score"] for r in cells}
+    table = Table("", "this run (seed 0)", "transfer grid, studies/default_library/grid")
+    table.add_row("baseline (own init)", f"{baseline:.2f}", _spread(list(baselines.values())))
+    table.add_row(f"SPoT weighted top-{k}", f"{transfer:.2f}",
+                  _spread([r["transfer_score"] for r in weighted]))
+    scores = sorted(r["transfer_score"] for r in seed0)
+    best = max(seed0, key=lambda r: r["transfer_score"])
+    table.add_row(f"each of {len(seed0)} sources, tuned (seed 0)", "",
+                  f"min {scores[0]:.2f} · median {statistics.median(scores):.2f} · best "
+                  f"{scores[-1]:.2f} ({best['source']})")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default=DEFAULT_TARGET)
@@ -47,10 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--template", default="{text}\nAnswer:")
     parser.add_argument("--library", type=Path, default=DEFAULT_LIBRARY)
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--key-step", type=int, default=8,
-                        help="query steps for a library whose keys record no protocol")
-    parser.add_argument("--test-examples", type=int, default=200)
+    parser.add_argument("--test-examples", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
 
@@ -60,17 +95,22 @@ def main(argv: list[str] | None = None) -> None:
                   f"{time.perf_counter() - started:.1f}s")
     target = _target(args)
     library = Library(args.library)
-    console.print(f"default library {args.library}: {library.count(backbone=model.identity)} "
-                  f"prompts for this backbone")
-    config = TrainConfig.build(task=target.name, backbone=model.name, steps=args.steps,
-                               key_step=args.key_step, eval_every=args.steps, eval_examples=64)
+    console.print(f"library {args.library}: {library.count(backbone=model.identity, role='value')}"
+                  f" source prompts for this backbone")
+    # the grid's target budget, so this run reads against the grid's numbers
+    config = TrainConfig.build(STUDY / "target.json", task=target.name, backbone=model.name)
+    chosen = GRID / "targets" / target.name / "init.json"  # the grid's baseline init
+    if chosen.is_file():
+        config = dataclasses.replace(config, init=json.loads(chosen.read_text())["init"])
     out = args.out / target.name
-    console.print(f"tune {target.name} from the top-{args.k} sources (weighted) and from its "
-                  f"own init (baseline): lr {config.learning_rate} {config.schedule}")
+    console.print(f"tune {target.name} from the top-{args.k} sources (weighted) and from its own "
+                  f"init (baseline): {config.steps} steps x {config.batch_size}, lr "
+                  f"{config.learning_rate} {config.schedule}")
     report = run_transfer(model, target, config, out, library, strategy="weighted", k=args.k,
                           test_examples=args.test_examples, show_progress=True)
 
-    sources = Table("rank", "source task", "per-token cosine similarity")
+    protocol = library.resolve_protocol(model.identity)
+    sources = Table("rank", "source task", f"similarity ({protocol.recipe} key, token)")
     for rank, r in enumerate(report.retrieved, 1):
         sources.add_row(str(rank), r.task, f"{r.similarity:.4f}")
     console.print(sources)
@@ -80,14 +120,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"{report.relative_error_reduction():+.3f}")
     console.print(results)
     n_test = min(args.test_examples, len(target.load("test")))
-    console.print(f"budget: {args.steps} steps x {config.batch_size} examples per run; test "
-                  f"rows: {n_test} (fixed sample); runs under {out}")
-    if (STUDY / "results.jsonl").is_file():
-        from spot.figures import write_figures
-
-        figures = write_figures(STUDY, args.out / "figures")
-        console.print(f"transferability figures of the committed study: {args.out / 'figures'} "
-                      f"({len(figures)} PNGs)")
+    console.print(f"test rows: {n_test} (fixed sample); runs under {out}")
+    grid = study_table(target.name, report.baseline_score, report.score, args.k)
+    if grid is None:
+        console.print(f"the transfer grid has no results for {target.name} yet")
+    else:
+        console.print(grid)
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
 
 

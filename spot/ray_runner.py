@@ -36,13 +36,19 @@ import numpy as np
 from rich import get_console
 from rich.markup import escape
 
-from library import KeyProtocol, Library, Published, similarity
+from library import KeyProtocol, Library, Published, save_prompt
 from library.prompt_file import load_prompt
-from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone
 from spot.progress import progress_bar
 from spot.publish import ensure_protocol
-from spot.study import StudyConfig, _write_jsonl, _write_similarities, open_study
+from spot.study import (
+    StudyConfig,
+    in_run_similarities,
+    open_study,
+    row,
+    write_results,
+    write_similarities,
+)
 from spot.task_embedding import embed_task, key_metadata
 from spot.tasks import Example, Task
 from spot.train import TrainConfig, TrainingError, train
@@ -252,7 +258,11 @@ def run_study_on_ray(
     options: RayOptions = RayOptions(),
 ) -> Path:
     """`spot.study.run_study` with every run a Ray task: the same files, cell for cell.
-    `backbone` is the spec each worker loads (`spot.backbones.load`)."""
+    `backbone` is the spec each worker loads (`spot.backbones.load`). Studies that train their
+    sources only: a library study runs sequentially."""
+    if config.library is not None:
+        raise ValueError("--ray runs studies that train their sources; run a --library study "
+                         "without --ray")
     task_of, out, library = open_study(config, out, tasks)
     cells = list(itertools.product(config.targets, config.seeds))
     root = None if options.run_root is None else str(options.run_root)
@@ -288,9 +298,15 @@ def run_study_on_ray(
                 keys[f"{key[1]}@{key[2]}"], baselines[key[1:]] = result["key"], result["score"]
             else:
                 scores[key[1:]] = result["score"]
-            _write_jsonl(out / "results.jsonl", _rows(config, task_of, keys, baselines, scores))
+            write_results(out, config, _rows(config, task_of, keys, baselines, scores), {})
         runs.check()
-    _write_similarities(out, keys, config, task_of)
+    for target in config.targets:  # the first seed's baseline key is the target's query
+        query_dir = out / "queries" / target
+        query_dir.mkdir(parents=True, exist_ok=True)
+        save_prompt(query_dir / "in-run.safetensors", keys[f"{target}@{config.seeds[0]}"],
+                    {"task": target, "role": "key"})
+    write_similarities(out, {name: {"in-run": (keys[name], None)} for name in config.sources},
+                       config, task_of)
     return out
 
 
@@ -305,23 +321,14 @@ def _target_config(config: StudyConfig, target: str, seed: int) -> TrainConfig:
 def _rows(
     config: StudyConfig, task_of: Callable[[str], Task], keys: Mapping[str, np.ndarray],
     baselines: Mapping[tuple[str, int], float], scores: Mapping[tuple[str, str, int], float],
-) -> list[dict[str, Any]]:
-    """results.jsonl's rows of the finished cells, in `run_study`'s order."""
-    rows = []
-    for target, seed, source in itertools.product(config.targets, config.seeds, config.sources):
-        if (source, target, seed) not in scores or (target, seed) not in baselines:
-            continue
-        base, score, query = baselines[target, seed], scores[source, target, seed], keys[
-            f"{target}@{seed}"]
-        rows.append({
-            "source": source, "target": target, "seed": seed, "metric": task_of(target).metrics[0],
-            "steps": _target_config(config, target, seed).steps, "baseline_score": base,
-            "transfer_score": score,
-            "relative_error_reduction": relative_error_reduction(base, score),
-            "sim_mean": similarity(keys[source], query, "mean"),
-            "sim_token": similarity(keys[source], query, "token"),
-        })
-    return rows
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """results.jsonl's rows of the finished cells."""
+    return {(source, target, seed): row(
+        source, target, seed, task_of(target).metrics[0],
+        _target_config(config, target, seed).steps, baselines[target, seed],
+        scores[source, target, seed], in_run_similarities(keys[source], keys[f"{target}@{seed}"]))
+        for target, seed, source in itertools.product(config.targets, config.seeds, config.sources)
+        if (source, target, seed) in scores and (target, seed) in baselines}
 
 
 def build_library_on_ray(

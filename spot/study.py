@@ -1,52 +1,97 @@
 """`spot study`: sources x targets transferability grid, resumable, written as tidy JSON lines.
 
+The sources are either trained here (their in-run keys are compared by "mean" and "token"), or
+taken from a prompt library (`StudyConfig.library`): its values, and its keys under each of its
+key protocols, compared by every metric that suits the recipe ("gradient/token",
+"trained/delta-flat", ...; the targets' keys are made by the same protocols).
+
 Layout of the study folder:
-    library/                            sources' keys and values (published as a side effect)
-    sources/<task>/                     one training run per source (the source config's seed)
-    targets/<task>/seed<s>/baseline     the target from the target config's init; its key is the
-                                        query the sources' keys are compared with
+    library/                            sources trained here, published (no library given)
+    sources/<task>/                     one training run per source trained here
+    queries/<target>/<recipe>.safetensors   the target's key under each library protocol
+    targets/<task>/init.json            the baseline init chosen on validation (baseline_inits)
+    targets/<task>/seed<s>/baseline     the target from its own init at the target budget
     targets/<task>/seed<s>/best-of-k/   the target initialised from each source's value
-    study.json, results.jsonl, similarity.jsonl, tasks.json
-Every target is one `spot.transfer.run_transfer` over all sources, and every run directory
-resumes, so a killed study continues.
+    targets/<task>/seed<s>/weighted/    SPoT's weighted top-k init
+    study.json, results.jsonl, weighted.jsonl, zero_step.jsonl, similarity.jsonl, tasks.json
+A library study also scores every source value untuned on every target (zero-step), tunes
+SPoT's weighted top-k init for every seed, and runs its `pick_seeds` on each target's top-k
+picks only (ranked by `pick_by`); `seeds` run the full grid. A cell already in results.jsonl
+or weighted.jsonl is never run again, so a killed study resumes even on a fresh checkout of
+its committed result files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 
-from library import Library, similarity
+from library import Library, load_prompt, save_prompt, similarity
 from library.atomic import atomic_write
+from library.similarity import BASE_METRICS, DELTA
 from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone
+from spot.evaluation import evaluate
+from spot.task_embedding import embed_task, key_metadata
 from spot.tasks import Task, get_task
-from spot.train import TrainConfig, train
+from spot.train import TrainConfig, TrainResult, train
 from spot.transfer import Retrieved, held_out_score, run_transfer
 
 console = Console()
+IN_RUN_METRICS = ("mean", "token")  # similarity names of a study that trains its sources
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """The grid and the base TrainConfig of its source and target runs (each run sets its task,
-    and a target run its seed)."""
+    and a target run its seed). `source` is None when the sources come from `library`."""
 
     sources: tuple[str, ...]
     targets: tuple[str, ...]
-    source: TrainConfig
+    source: TrainConfig | None
     target: TrainConfig
     seeds: tuple[int, ...] = (0,)
     test_examples: int = 200
+    library: str | None = None  # take the sources' values and keys from this prompt library
+    pick_seeds: tuple[int, ...] = ()  # more seeds, for each target's top-k picks only
+    k: int = 3  # picks per target, and sources in the weighted init
+    pick_by: str | None = None  # similarity name ranking the picks (default: see `pick_name`)
+    baseline_inits: tuple[str, ...] = ()  # >1: the baseline's init is the best on validation
+
+    def __post_init__(self) -> None:
+        if (self.source is None) == (self.library is None):
+            raise ValueError("a study either trains its sources (source config) or reads them "
+                             "from a library, not both")
+        if self.pick_seeds and self.library is None:
+            raise ValueError("pick_seeds need a library study (picks rank library keys)")
+        if set(self.pick_seeds) & set(self.seeds):
+            raise ValueError(f"pick_seeds {self.pick_seeds} overlap seeds {self.seeds}")
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A source value and its keys: recipe -> (key, its protocol's start or None)."""
+
+    task: str
+    value: np.ndarray  # [L, d]
+    keys: dict[str, tuple[np.ndarray, np.ndarray | None]]
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def open_study(
@@ -61,67 +106,246 @@ def open_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
-    return task_of, out, Library(out / "library")
+    return task_of, out, Library(config.library or out / "library")
+
+
+def metric_names(recipe: str) -> tuple[str, ...]:
+    """The similarity metrics a key recipe is compared by (delta-*: trained keys only)."""
+    deltas = tuple(DELTA + m for m in BASE_METRICS) if recipe == "trained" else ()
+    return BASE_METRICS + deltas
+
+
+def pick_name(config: StudyConfig, library: Library, backbone: Backbone) -> str:
+    """The similarity ranking each target's picks: `pick_by`, else the library's default
+    protocol's recipe with "token" (a study training its sources: "token")."""
+    if config.pick_by is not None:
+        return config.pick_by
+    if config.library is None:
+        return "token"
+    default = library.resolve_protocol(backbone.identity)
+    if default is None:
+        raise ValueError(f"{config.library} holds no key protocol for {backbone.identity}")
+    return f"{default.recipe}/token"
+
+
+def row(
+    source: str, target: str, seed: int, metric: str, steps: int, baseline: float, score: float,
+    sims: dict[str, float], zero_step: float | None = None,
+) -> dict[str, Any]:
+    """One results.jsonl row."""
+    return {"source": source, "target": target, "seed": seed, "metric": metric, "steps": steps,
+            "baseline_score": baseline, "transfer_score": score,
+            "relative_error_reduction": relative_error_reduction(baseline, score),
+            "zero_step_score": zero_step, "similarity": sims}
+
+
+def in_run_similarities(key: np.ndarray, query: np.ndarray) -> dict[str, float]:
+    return {m: similarity(key, query, m) for m in IN_RUN_METRICS}
+
+
+def library_sources(library: Library, backbone: Backbone, names: Sequence[str]) -> dict[str, Source]:
+    """Each named task's latest value in `library` and its latest key under each protocol."""
+    protocols = {p.id: p for p, _ in library.protocols(backbone.identity)}
+    if not protocols:
+        raise ValueError(f"{library.root} holds no key protocol for {backbone.identity}")
+    starts = {pid: library.protocol_start(p) for pid, p in protocols.items()}
+    found: dict[str, Source] = {}
+    for name in names:
+        entries = library.list(task=name, backbone=backbone.identity, limit=1000)
+        values = [e for e in entries if e.role == "value"]
+        if not values:
+            raise ValueError(f"{library.root} holds no value prompt of {name!r}")
+        keys = {protocols[e.protocol].recipe: (library.load(e.id)[0], starts[e.protocol])
+                for e in entries if e.role == "key" and e.protocol in protocols}
+        missing = {p.recipe for p in protocols.values()} - set(keys)
+        if missing:
+            raise ValueError(f"{name!r} has no key under the {sorted(missing)} protocol(s); "
+                             f"run `spot library rekey {library.root}`")
+        found[name] = Source(name, library.load(values[-1].id)[0], keys)
+    return found
+
+
+def target_queries(
+    backbone: Backbone, task: Task, library: Library, out: Path,
+) -> dict[str, np.ndarray]:
+    """The target's key under each of the library's protocols, kept in out/ (deterministic)."""
+    queries = {}
+    for protocol, _ in library.protocols(backbone.identity):
+        path = out / f"{protocol.recipe}.safetensors"
+        if not path.is_file():
+            key = embed_task(backbone, task, protocol, library.protocol_start(protocol))
+            out.mkdir(parents=True, exist_ok=True)
+            save_prompt(path, key, key_metadata(protocol, task))
+        queries[protocol.recipe] = load_prompt(path)[0]
+    return queries
+
+
+def library_similarities(source: Source, queries: dict[str, np.ndarray]) -> dict[str, float]:
+    """Every "<recipe>/<metric>" similarity of a library source's keys to the target's."""
+    return {f"{recipe}/{metric}": similarity(key, queries[recipe], metric, start)
+            for recipe, (key, start) in source.keys.items() for metric in metric_names(recipe)}
+
+
+def train_sources(
+    backbone: Backbone, config: StudyConfig, out: Path, library: Library,
+    task_of: Callable[[str], Task],
+) -> dict[str, Source]:
+    """Train every source (resumable) and publish its in-run key and value."""
+    assert config.source is not None
+    sources = {}
+    for name in config.sources:
+        console.print(f"[bold]source[/bold] {name}")
+        run = train(backbone, task_of(name), dataclasses.replace(config.source, task=name),
+                    out / "sources" / name)
+        library.publish(run.out / "key.safetensors", run.out / "value.safetensors",
+                        {"task": name})
+        sources[name] = Source(name, run.value, {"in-run": (run.key, None)})
+    return sources
+
+
+def baseline_run(
+    backbone: Backbone, task: Task, config: StudyConfig, target_dir: Path, seed: int,
+) -> TrainResult:
+    """The target from its own init at the target budget. With several `baseline_inits`, the
+    init is the best on validation at seed 0 (chosen once, kept in target_dir/init.json)."""
+    inits = config.baseline_inits or (config.target.init,)
+
+    def run(init: str, s: int) -> TrainResult:
+        name = "baseline" if len(inits) == 1 else "baseline-" + re.sub(r"\W+", "_", init)[:32]
+        return train(backbone, task, dataclasses.replace(
+            config.target, task=task.name, init=init, seed=s), target_dir / f"seed{s}" / name)
+
+    init = inits[0]
+    if len(inits) > 1:
+        choice = target_dir / "init.json"
+        if not choice.is_file():
+            scores = {init: run(init, 0).value_score for init in inits}
+            atomic_write(choice, json.dumps({"init": max(scores, key=scores.__getitem__),
+                                             "validation": scores}, indent=1).encode())
+        init = json.loads(choice.read_text())["init"]
+    return run(init, seed)
+
+
+def zero_step_scores(
+    backbone: Backbone, task: Task, sources: Mapping[str, Source], limit: int, path: Path,
+) -> dict[str, float]:
+    """Each source value scored untuned on the target's test rows, kept in `path` (rows of
+    every target) as each lands."""
+    rows = _read_jsonl(path)
+    cached = {r["source"]: r["score"] for r in rows if r["target"] == task.name}
+    for name, source in sources.items():
+        if name not in cached:
+            cached[name] = evaluate(backbone, source.value, task, "test", limit=limit)[
+                task.metrics[0]]
+            rows.append({"target": task.name, "source": name, "score": cached[name]})
+            _write_jsonl(path, rows)
+    return cached
 
 
 def run_study(
     backbone: Backbone, config: StudyConfig, out: str | Path,
     tasks: Mapping[str, Task] | None = None,
 ) -> Path:
-    """Train sources, baselines and every source->target transfer; write the result files.
+    """Run every cell not yet in results.jsonl; write the result files after each target seed.
     `tasks` holds tasks by name that are not registered (e.g. over the user's files)."""
     task_of, out, library = open_study(config, out, tasks)
-    keys: dict[str, np.ndarray] = {}
-    sources: dict[str, Retrieved] = {}
-    for name in config.sources:
-        console.print(f"[bold]source[/bold] {name}")
-        run = train(backbone, task_of(name), dataclasses.replace(config.source, task=name),
-                    out / "sources" / name)
-        ids = library.publish(run.out / "key.safetensors", run.out / "value.safetensors",
-                              {"task": name})
-        keys[name] = run.key
-        sources[name] = Retrieved(name, ids.key, ids.value, 0.0, run.value)
-
-    rows = []
+    from_library = config.library is not None
+    if from_library:
+        sources = library_sources(library, backbone, config.sources)
+    else:
+        sources = train_sources(backbone, config, out, library, task_of)
+    by = pick_name(config, library, backbone)
+    config = dataclasses.replace(config, pick_by=by)
+    atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
+    done = {(r["source"], r["target"], r["seed"]): r for r in _read_jsonl(out / "results.jsonl")}
+    weighted = {(r["target"], r["seed"]): r for r in _read_jsonl(out / "weighted.jsonl")}
     for target in config.targets:
-        task = task_of(target)
-        for seed in config.seeds:
-            console.print(f"[bold]target[/bold] {target} seed {seed}")
-            target_config = dataclasses.replace(config.target, task=target, seed=seed)
-            base_dir = out / "targets" / target / f"seed{seed}"
-            baseline = train(backbone, task, target_config, base_dir / "baseline")
+        task, target_dir, query_dir = task_of(target), out / "targets" / target, out / "queries" / target
+        metric = task.metrics[0]
+        zero: dict[str, float] = {}
+        if from_library:
+            zero = zero_step_scores(backbone, task, sources, config.test_examples,
+                                    out / "zero_step.jsonl")
+            queries = target_queries(backbone, task, library, query_dir)
+            sims = {s: library_similarities(src, queries) for s, src in sources.items()}
+            ranked = sorted(sources, key=lambda s: -sims[s][by])
+        for seed in (*config.seeds, *config.pick_seeds):
+            chosen = list(sources)
+            if from_library and seed not in config.seeds:
+                chosen = ranked[:config.k]
+            todo = [s for s in chosen if (s, target, seed) not in done]
+            if not todo and (target, seed) in weighted or not (todo or from_library):
+                continue
+            console.print(f"[bold]target[/bold] {target} seed {seed}: {len(todo)} cells")
+            baseline = baseline_run(backbone, task, config, target_dir, seed)
             base_score = held_out_score(backbone, task, baseline, config.test_examples)
-            query = baseline.key  # the baseline run is trained once: its key is the query
-            keys[f"{target}@{seed}"] = query
-            found = [dataclasses.replace(r, similarity=similarity(keys[r.task], query, "token"))
-                     for r in sources.values()]
-            report = run_transfer(backbone, task, target_config, base_dir, retrieved=found,
-                                  baseline=False, test_examples=config.test_examples,
-                                  test_every_run=True)
-            for source in config.sources:
-                score = report.test_scores[source]
-                rows.append({
-                    "source": source, "target": target, "seed": seed, "metric": report.metric,
-                    "steps": target_config.steps, "baseline_score": base_score,
-                    "transfer_score": score,
-                    "relative_error_reduction": relative_error_reduction(base_score, score),
-                    "sim_mean": similarity(keys[source], query, "mean"),
-                    "sim_token": similarity(keys[source], query, "token"),
-                })
-            _write_jsonl(out / "results.jsonl", rows)
-    _write_similarities(out, keys, config, task_of)
+            if not from_library:  # the baseline's in-run key is the query
+                if seed == config.seeds[0]:
+                    query_dir.mkdir(parents=True, exist_ok=True)
+                    save_prompt(query_dir / "in-run.safetensors", baseline.key,
+                                {"task": target, "role": "key"})
+                sims = {s: in_run_similarities(src.keys["in-run"][0], baseline.key)
+                        for s, src in sources.items()}
+                ranked = sorted(sources, key=lambda s: -sims[s][by])
+            found = {s: Retrieved(s, "", "", sims[s][by], sources[s].value) for s in sources}
+            transfer_config = dataclasses.replace(config.target, task=target, seed=seed)
+            seed_dir = target_dir / f"seed{seed}"
+            if todo:
+                report = run_transfer(backbone, task, transfer_config, seed_dir,
+                                      retrieved=[found[s] for s in todo], baseline=False,
+                                      test_examples=config.test_examples, test_every_run=True)
+                for s in todo:
+                    done[s, target, seed] = row(s, target, seed, metric, transfer_config.steps,
+                                                base_score, report.test_scores[s], sims[s],
+                                                zero.get(s))
+            if from_library and (target, seed) not in weighted:
+                picks = [found[s] for s in ranked[:config.k]]
+                report = run_transfer(backbone, task, transfer_config, seed_dir,
+                                      retrieved=picks, strategy="weighted", baseline=False,
+                                      test_examples=config.test_examples)
+                weighted[target, seed] = {
+                    "target": target, "seed": seed, "k": config.k, "by": by,
+                    "sources": [p.task for p in picks],
+                    "similarities": [p.similarity for p in picks], "metric": metric,
+                    "steps": transfer_config.steps, "baseline_score": base_score,
+                    "transfer_score": report.score,
+                    "relative_error_reduction": relative_error_reduction(base_score,
+                                                                         report.score)}
+            write_results(out, config, done, weighted)
+    write_results(out, config, done, weighted)
+    write_similarities(out, {name: src.keys for name, src in sources.items()}, config, task_of)
     return out
 
 
-def _write_similarities(
-    out: Path, keys: dict[str, np.ndarray], config: StudyConfig, task_of: Callable[[str], Task],
+def write_results(
+    out: Path, config: StudyConfig, done: Mapping[tuple, dict], weighted: Mapping[tuple, dict],
 ) -> None:
-    """All ordered pairs of task keys (targets: their first seed's query) under both metrics."""
-    tasks = {name: keys[name] for name in config.sources}
+    """results.jsonl (target, seed, source order) and weighted.jsonl."""
+    order = {name: i for i, name in enumerate(config.sources)}
+    targets = {name: i for i, name in enumerate(config.targets)}
+    _write_jsonl(out / "results.jsonl", sorted(done.values(), key=lambda r: (
+        targets.get(r["target"], len(targets)), r["seed"], order.get(r["source"], len(order)))))
+    _write_jsonl(out / "weighted.jsonl", sorted(weighted.values(), key=lambda r: (
+        targets.get(r["target"], len(targets)), r["seed"])))
+
+
+def write_similarities(
+    out: Path, source_keys: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray | None]]],
+    config: StudyConfig, task_of: Callable[[str], Task],
+) -> None:
+    """similarity.jsonl: all ordered pairs of task keys (sources: recipe -> (key, start);
+    targets: their queries in out/queries/) under every similarity name; and tasks.json."""
+    tasks = {name: {r: key for r, (key, _) in keys.items()} for name, keys in source_keys.items()}
+    starts = {r: start for keys in source_keys.values() for r, (_, start) in keys.items()}
     for target in config.targets:
-        tasks.setdefault(target, keys[f"{target}@{config.seeds[0]}"])
-    rows = [{"a": a, "b": b, "metric": metric, "similarity": similarity(ka, kb, metric)}
-            for metric in ("mean", "token") for a, ka in tasks.items() for b, kb in tasks.items()]
+        files = sorted((out / "queries" / target).glob("*.safetensors"))
+        if files and target not in tasks:
+            tasks[target] = {f.name.split(".")[0]: load_prompt(f)[0] for f in files}
+    names = [(recipe, metric) for recipe in starts for metric in (
+        IN_RUN_METRICS if recipe == "in-run" else metric_names(recipe))]
+    rows = [{"a": a, "b": b, "metric": metric if recipe == "in-run" else f"{recipe}/{metric}",
+             "similarity": similarity(ka[recipe], kb[recipe], metric, starts[recipe])}
+            for recipe, metric in names for a, ka in tasks.items() for b, kb in tasks.items()]
     _write_jsonl(out / "similarity.jsonl", rows)
     roles = {name: "source" for name in config.sources}
     for target in config.targets:

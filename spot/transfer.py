@@ -3,7 +3,7 @@
 `run_transfer` is the pipeline (query -> retrieve -> tune -> baseline -> test scores and relative
 error reduction) behind `spot tune-target`, `make demo` and `spot study`. Strategies (Vu et al. 2022):
 - best-of-k: one target run from each of the top-k source values, keep the best on validation;
-- weighted: one run from sum_r w_r * value_r with w_r = sim_r / sum sim;
+- weighted: one run from sum_r w_r * value_r with w_r = sim_r / sum sim (negatives weigh 0);
 - mixture: train one prompt on the examples-proportional mix of the top-k sources' training data
   and the target's, then tune it on the target.
 Every run is a resumable `spot.train` run directory, so a killed transfer continues.
@@ -175,14 +175,19 @@ def retrieve(
 
 
 def weighted_average(values: Sequence[np.ndarray], similarities: Sequence[float]) -> np.ndarray:
-    """sum_r w_r * value_r, w_r = sim_r / sum(sim); values must share one shape."""
+    """sum_r w_r * value_r, w_r = max(sim_r, 0) / sum max(sim, 0); values must share one shape.
+
+    A negative similarity weighs 0 (a dissimilar source is not subtracted: gradient keys give
+    cosines near 0 of either sign); when none is positive, the plain average."""
     shapes = {v.shape for v in values}
     if len(shapes) != 1:
         raise ValueError(f"cannot average prompts of different shapes {sorted(shapes)}")
     weights = np.asarray(similarities, np.float64)
-    if weights.sum() <= 0:
-        raise ValueError(f"similarities must have a positive sum, got {weights.tolist()}")
-    weights = weights / weights.sum()
+    if not np.isfinite(weights).all():
+        raise ValueError(f"similarities must be finite, got {weights.tolist()}")
+    weights = np.clip(weights, 0.0, None)
+    total = weights.sum()
+    weights = weights / total if total > 0 else np.full(len(values), 1 / len(values))
     return np.tensordot(weights, np.stack(values).astype(np.float64), axes=1).astype(np.float32)
 
 

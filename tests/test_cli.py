@@ -139,3 +139,22 @@ def test_query_takes_the_users_task_file(cli, tmp_path):
     assert remote == out
     result = CliRunner().invoke(app, ["query", "--task", str(data), "--library", str(library)])
     assert result.exit_code == 2 and "--labels" in result.output
+
+
+def test_study_over_a_library_runs_the_grid_its_picks_and_weighted_init(cli, tmp_path):
+    invoke, names, config = cli
+    library = publish_sources(invoke, (names[0], names[2]), config, tmp_path)
+    out = tmp_path / "study"
+    invoke("study", "--library", library, "--sources", f"{names[0]},{names[2]}", "--targets",
+           names[1], "--out", out, "--target-config", config, "--pick-seeds", "1", "--k", "1",
+           "--test-examples", 16)
+    study = json.loads((out / "study.json").read_text())
+    assert study["source"] is None and study["library"] == str(library)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["seed"]) for r in rows if r["seed"] == 0] == [
+        (names[0], 0), (names[2], 0)]
+    # names[1] holds names[0]'s rows: the same protocol gives the same key, the top pick
+    assert [r["source"] for r in rows if r["seed"] == 1] == [names[0]]
+    assert rows[0]["similarity"]["gradient/flat"] == pytest.approx(1.0, abs=1e-5)
+    weighted = [json.loads(line) for line in (out / "weighted.jsonl").read_text().splitlines()]
+    assert [(w["seed"], w["sources"]) for w in weighted] == [(0, [names[0]]), (1, [names[0]])]

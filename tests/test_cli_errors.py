@@ -81,6 +81,11 @@ CASES = [
      "--seeds must be comma-separated integers, got 'a'", False),
     (["study", "--sources", "nothing", "--targets", KNOWN],
      "unknown task 'nothing'; known tasks: ", False),
+    (["study", "--sources", KNOWN, "--targets", "tiny_length", "--pick-seeds", "1"],
+     "pick_seeds need a library study (picks rank library keys)", False),
+    (["study", "--sources", KNOWN, "--targets", "tiny_length", "--library", "{d}/lib",
+      "--source-steps", "4"],
+     "--library takes its sources from the library: no source config", False),
     (["heatmap", "{d}/nope"], "{d}/nope: not a study folder", False),
 ]
 

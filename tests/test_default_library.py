@@ -1,4 +1,5 @@
-"""The shipped default library: complete pairs, provenance metadata, clean verify, one backbone."""
+"""The shipped default library: every source has a value and a key per protocol, provenance
+metadata, a clean verify, one backbone, and no target of the transfer grid among its sources."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from library import Library, similarity
 
 DEFAULT = Path(__file__).resolve().parents[1] / "spot" / "default_library"
+# the targets of studies/default_library/grid.py: never sources of the shipped library
+GRID_TARGETS = {"rte", "cb", "copa", "wsc", "cola", "boolq", "mpqa", "bigbench_implicatures"}
 
 
 @pytest.fixture
@@ -24,28 +27,35 @@ def shipped(tmp_path: Path) -> Library:
 def test_default_library_is_complete_and_verifies(shipped: Library) -> None:
     report = shipped.verify(repair=False)
     assert report.ok and not report.stale_indexes, report
+    protocols = {p.id: p.recipe for p, _ in shipped.protocols()}
+    assert sorted(protocols.values()) == ["gradient", "trained"]
+    assert [p.recipe for p, default in shipped.protocols() if default] == ["gradient"]
     keys = shipped.list(role="key", limit=1000)
     values = shipped.list(role="value", limit=1000)
-    assert len(keys) == len(values) >= 8
-    assert {e.task for e in keys} == {e.task for e in values}
+    assert len(values) >= 3 and len(keys) == 2 * len(values)
+    for value in values:  # one key per protocol, each paired with this value
+        mine = [k for k in keys if k.task == value.task]
+        assert sorted(protocols[k.protocol] for k in mine) == ["gradient", "trained"]
+        assert all(k.pair == value.id for k in mine)
+    assert not {e.task for e in values} & GRID_TARGETS
     assert len({e.backbone for e in keys + values}) == 1
     for entry in keys + values:
-        assert entry.extra["rebuild"].startswith("spot study ")
-        assert entry.extra["data"] in ("bigbench==1.0.0 sdist (PyPI)",
-                                       "../shared/data (not on a fresh machine)")
-    families = {e.task.split("_")[0] for e in keys}
-    assert "bigbench" in families  # some entries rebuild from PyPI data alone
+        assert entry.extra["rebuild"] == f"python studies/default_library/build.py {entry.task}"
+        assert entry.extra["data"] == ("bigbench==1.0.0 sdist (PyPI)"
+                                       if entry.task.startswith("bigbench_") else "../shared/data")
 
 
 def test_each_key_retrieves_itself_first(shipped: Library) -> None:
     """Under "mean" a key's self-similarity is 1.0, the maximum. Under "token" (mean over all
     token pairs) it is |mean unit token|^2 < 1, so only the exact value is checked there."""
+    recipes = {p.id: p.recipe for p, _ in shipped.protocols()}
     for entry in shipped.list(role="key", limit=1000):
         prompt, _ = shipped.load(entry.id)
-        top = shipped.query(prompt, entry.backbone, "mean", k=1)[0]
+        recipe = recipes[entry.protocol]
+        top = shipped.query(prompt, entry.backbone, "mean", k=1, recipe=recipe)[0]
         assert top.entry.id == entry.id and top.similarity == pytest.approx(1.0, abs=1e-5)
         scores = {m.entry.id: m.similarity
-                  for m in shipped.query(prompt, entry.backbone, "token", k=1000)}
+                  for m in shipped.query(prompt, entry.backbone, "token", k=1000, recipe=recipe)}
         assert scores[entry.id] == pytest.approx(similarity(prompt, prompt, "token"), abs=1e-5)
 
 

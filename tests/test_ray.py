@@ -71,7 +71,8 @@ def test_grid_on_ray_equals_sequential(local_ray, sequential, tmp_path):
     out = run_study_on_ray(TINY, study_config(), tmp_path / "study", options=RayOptions())
     assert _files(out) == sequential
     assert sorted(p.name for p in out.iterdir()) == [
-        "library", "results.jsonl", "similarity.jsonl", "study.json", "tasks.json"]
+        "library", "queries", "results.jsonl", "similarity.jsonl", "study.json", "tasks.json",
+        "weighted.jsonl"]
 
 
 def _kill_first_run(killed: list[int], stop: threading.Event) -> None:

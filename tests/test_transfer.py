@@ -30,8 +30,11 @@ def test_weighted_average():
     np.testing.assert_allclose(weighted_average([a, b], [3.0, 1.0]), np.full((2, 3), 0.75))
     with pytest.raises(ValueError, match="shapes"):
         weighted_average([a, np.ones((3, 3))], [1, 1])
-    with pytest.raises(ValueError, match="positive sum"):
-        weighted_average([a, b], [0.0, 0.0])
+    # a negative similarity weighs 0; none positive: the plain average
+    np.testing.assert_allclose(weighted_average([a, b], [0.2, -0.1]), a)
+    np.testing.assert_allclose(weighted_average([a, b], [0.0, -0.3]), np.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="finite"):
+        weighted_average([a, b], [float("nan"), 1.0])
 
 
 def test_mixture_is_examples_proportional_and_keeps_target_eval():
@@ -126,7 +129,7 @@ def test_study_writes_results_and_resumes(tiny_llama, tmp_path):
     for row in rows:
         assert row["relative_error_reduction"] == pytest.approx(
             relative_error_reduction(row["baseline_score"], row["transfer_score"]))
-        assert -1.0 <= row["sim_token"] <= 1.0
+        assert -1.0 <= row["similarity"]["token"] <= 1.0
     sims = [json.loads(line) for line in (tmp_path / "similarity.jsonl").read_text().splitlines()]
     assert len(sims) == 2 * 3 * 3
     assert all(s["similarity"] == pytest.approx(1.0, abs=1e-5) for s in sims if s["a"] == s["b"]
@@ -134,3 +137,77 @@ def test_study_writes_results_and_resumes(tiny_llama, tmp_path):
     before = (tmp_path / "results.jsonl").read_text()
     run_study(tiny_llama, config, tmp_path)  # everything done: same rows
     assert (tmp_path / "results.jsonl").read_text() == before
+
+
+def test_library_study_scores_zero_step_picks_weighted_and_resumes_from_results(
+    tiny_llama, tmp_path,
+):
+    import shutil
+
+    from spot.evaluation import evaluate
+    from spot.publish import ensure_protocol
+    from spot.study import StudyConfig, run_study
+    from spot.task_embedding import embed_task, key_metadata
+
+    names = register_tiny_tasks()
+    base = TrainConfig(task=names[0], steps=8, prompt_length=4, eval_every=8, eval_examples=32,
+                       max_length=32)
+    library = Library(tmp_path / "library")
+    values = {}
+    for name in (names[0], names[2]):
+        run = train(tiny_llama, get_task(name), TrainConfig(**{**base.__dict__, "task": name}),
+                    tmp_path / "sources" / name, show_progress=False)
+        values[name] = run.value
+        for recipe in ("gradient", "trained"):
+            protocol, start = ensure_protocol(library, tiny_llama, recipe)
+            key = embed_task(tiny_llama, get_task(name), protocol, start)
+            library.publish((key, key_metadata(protocol, get_task(name))),
+                            run.out / "value.safetensors", {"task": name})
+    config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), source=None,
+                         target=base, seeds=(0,), test_examples=32, library=str(library.root),
+                         pick_seeds=(1,), k=1, baseline_inits=("class_labels", "sampled_vocab"))
+    out = tmp_path / "study"
+    run_study(tiny_llama, config, out)
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    expected_names = {f"gradient/{m}" for m in ("mean", "token", "flat")} | {
+        f"trained/{p}{m}" for p in ("", "delta-") for m in ("mean", "token", "flat")}
+    assert all(set(r["similarity"]) == expected_names for r in rows)
+    seed0 = {r["source"]: r for r in rows if r["seed"] == 0}
+    assert set(seed0) == {names[0], names[2]}
+    top = max(seed0, key=lambda s: seed0[s]["similarity"]["gradient/token"])
+    assert [r["source"] for r in rows if r["seed"] == 1] == [top]  # pick seeds: top-1 only
+    target = get_task(names[1])
+    for source, r in seed0.items():  # zero-step: the value scored untuned on the same rows
+        assert r["zero_step_score"] == pytest.approx(
+            evaluate(tiny_llama, values[source], target, "test", limit=32)["accuracy"])
+        assert r["relative_error_reduction"] == pytest.approx(
+            relative_error_reduction(r["baseline_score"], r["transfer_score"]))
+    weighted = [json.loads(line) for line in (out / "weighted.jsonl").read_text().splitlines()]
+    assert [(w["seed"], w["sources"], w["by"]) for w in weighted] == [
+        (0, [top], "gradient/token"), (1, [top], "gradient/token")]
+    choice = json.loads((out / "targets" / names[1] / "init.json").read_text())
+    assert choice["init"] == max(choice["validation"], key=choice["validation"].get)
+    assert rows[0]["baseline_score"] == weighted[0]["baseline_score"]
+    sims = [json.loads(line) for line in (out / "similarity.jsonl").read_text().splitlines()]
+    assert {s["metric"] for s in sims} == expected_names
+    assert {s["a"] for s in sims} == {names[0], names[1], names[2]}
+
+    # a fresh checkout keeps only the result files: nothing is trained again
+    before = {f: (out / f).read_text() for f in ("results.jsonl", "weighted.jsonl")}
+    shutil.rmtree(out / "targets")
+    run_study(tiny_llama, config, out)
+    assert not (out / "targets").exists()
+    assert {f: (out / f).read_text() for f in before} == before
+
+
+def test_study_config_refuses_inconsistent_grids():
+    from spot.study import StudyConfig
+
+    target = TrainConfig(task="rte")
+    with pytest.raises(ValueError, match="not both"):
+        StudyConfig(("a",), ("b",), target, target, library="lib")
+    with pytest.raises(ValueError, match="need a library"):
+        StudyConfig(("a",), ("b",), target, target, pick_seeds=(1,))
+    with pytest.raises(ValueError, match="overlap"):
+        StudyConfig(("a",), ("b",), None, target, library="lib", pick_seeds=(0,))

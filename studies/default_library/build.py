@@ -1,7 +1,7 @@
 """Build the default library's sources: train each value, score it and zero-shot on its test
 split, make its key under each recipe's protocol, publish them, and commit each finished
 source's files (runs/<task>/: config, metrics, value, keys; sources.jsonl). The library itself
-(library/, not committed) is derived from those files.
+(published/, not committed) is derived from those files.
 
     python studies/default_library/build.py [--no-commit] [TASK ...]
 
@@ -61,13 +61,23 @@ def commit(paths: list[Path], message: str) -> None:
     console.print(f"[yellow]could not commit {rel}[/yellow]")
 
 
+def publish_source(library: Library, name: str) -> dict[str, str]:
+    """Publish a finished source's value and its key per recipe from runs/<name>/ (the library
+    holds the recipes' protocols); recipe -> key id."""
+    out = HERE / "runs" / name
+    data = "bigbench==1.0.0 sdist (PyPI)" if name.startswith("bigbench_") else "../shared/data"
+    return {recipe: library.publish(out / f"key.{recipe}.safetensors", out / "value.safetensors", {
+        "task": name, "rebuild": f"python studies/default_library/build.py {name}",
+        "data": data}).key for recipe in RECIPES}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tasks", nargs="*", default=list(SOURCES))
     parser.add_argument("--no-commit", action="store_true")
     args = parser.parse_args()
     model = backbones.load()
-    library = Library(HERE / "library")
+    library = Library(HERE / "published")
     rows_path = HERE / "sources.jsonl"
     base = json.loads((HERE / "source.json").read_text())
     for name in args.tasks:
@@ -83,17 +93,13 @@ def main() -> None:
         empty = np.zeros((0, model.d_model), np.float32)
         zero_shot = evaluate(model, empty, task, "test", limit=TEST_ROWS)[metric]
         value = evaluate(model, run.value, task, "test", limit=TEST_ROWS)[metric]
-        ids = {}
         for recipe in RECIPES:  # keys are kept beside the run, so the library rebuilds from files
             protocol, start = ensure_protocol(library, model, recipe)
             key_file = out / f"key.{recipe}.safetensors"
             if not key_file.is_file():
                 key = embed_task(model, task, protocol, start, show_progress=True)
                 save_prompt(key_file, key, key_metadata(protocol, task))
-            ids[recipe] = library.publish(key_file, out / "value.safetensors", {
-                "task": name, "rebuild": f"python studies/default_library/build.py {name}",
-                "data": "bigbench==1.0.0 sdist (PyPI)" if name.startswith("bigbench_")
-                else "../shared/data"}).key
+        ids = publish_source(library, name)
         row = {"task": name, "metric": metric, "zero_shot_test": zero_shot, "value_test": value,
                "value_step": run.value_step, "value_validation": run.value_score,
                "steps_run": run.history[-1]["step"], "validation_rows": min(

@@ -1,0 +1,60 @@
+"""Write the grid's results into this study's README (between the grid markers) and its
+figures into figures/: the retrieval-quality tables for every key recipe x metric, each
+target's baseline at the grid's budget against the same init trained long, and the figures of
+`spot heatmap`. Runs on a partial grid (the README says what is missing).
+
+    python studies/default_library/analyze.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+from build import HERE
+from grid import GRID
+
+from spot.analysis_io import load_study
+from spot.figures import write_figures
+from spot.retrieval_quality import retrieval_quality_markdown
+
+
+def long_baselines_markdown() -> str:
+    """Each target's seed-0 baseline at the grid's budget vs its init trained long."""
+    path = GRID / "long_baselines.jsonl"
+    if not path.is_file():
+        return "The long baselines (how far the grid's budget is from convergence) have not run."
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    results = [json.loads(line) for line in (GRID / "results.jsonl").read_text().splitlines()]
+    short = {r["target"]: r["baseline_score"] for r in results if r["seed"] == 0}
+    steps = json.loads((HERE / "target.json").read_text())["steps"]
+    lines = [f"| target | init | baseline at {steps} steps (test) | long run: value step / steps "
+             "run | long run test | gap |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        at_t = short.get(r["target"])
+        gap = "–" if at_t is None else f"{r['test'] - at_t:+.2f}"
+        lines.append(f"| {r['target']} | {r['init']} | "
+                     f"{'–' if at_t is None else f'{at_t:.2f}'} | {r['value_step']} / "
+                     f"{r['steps_run']} | {r['test']:.2f} | {gap} |")
+    gaps = [r["test"] - short[r["target"]] for r in rows if r["target"] in short]
+    if gaps:
+        lines.append(f"\nMean gap {statistics.mean(gaps):+.2f} points over {len(gaps)} targets.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    study = load_study(GRID)
+    figures = write_figures(GRID, HERE / "figures")
+    block = "\n\n".join([
+        "<!-- grid -->", retrieval_quality_markdown(study),
+        "### The grid's budget against a long baseline", long_baselines_markdown(),
+        "Figures (`figures/`): " + ", ".join(f"`{p.name}`" for p in figures) + "\n"])
+    readme = HERE / "README.md"
+    readme.write_text(re.sub(r"<!-- grid -->.*?(?=<!-- /grid -->)", lambda _: block,
+                             readme.read_text(), flags=re.S))
+    print(f"README and {len(figures)} figures written")
+
+
+if __name__ == "__main__":
+    main()
