@@ -44,8 +44,8 @@ def _target(args: argparse.Namespace) -> Task:
     return get_task(args.task)
 
 
-def _rows(name: str, target: str) -> list[dict]:
-    path = GRID / name
+def _rows(grid: Path, name: str, target: str) -> list[dict]:
+    path = grid / name
     if not path.is_file():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["target"] == target]
@@ -59,9 +59,11 @@ def _spread(scores: list[float]) -> str:
     return f"{statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f} ({len(scores)} seeds)"
 
 
-def study_table(target: str, baseline: float, transfer: float, k: int) -> Table | None:
+def study_table(
+    target: str, baseline: float, transfer: float, k: int, grid: Path = GRID,
+) -> Table | None:
     """This run beside the grid's numbers for `target` (None: the grid has not run it)."""
-    cells, weighted = _rows("results.jsonl", target), _rows("weighted.jsonl", target)
+    cells, weighted = _rows(grid, "results.jsonl", target), _rows(grid, "weighted.jsonl", target)
     if not cells:
         return None
     seed0 = [r for r in cells if r["seed"] == 0]
@@ -114,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     for rank, r in enumerate(report.retrieved, 1):
         sources.add_row(str(rank), r.task, f"{r.similarity:.4f}")
     console.print(sources)
-    results = Table("target", "init", f"test {report.metric}", "relative error reduction")
-    results.add_row(target.name, f"{config.init} (baseline)", f"{report.baseline_score:.2f}", "")
-    results.add_row(target.name, f"SPoT weighted top-{args.k}", f"{report.score:.2f}",
+    results = Table("init", f"test {report.metric}", "relative error reduction",
+                    title=target.name)
+    results.add_row(f"{config.init} (baseline)", f"{report.baseline_score:.2f}", "")
+    results.add_row(f"SPoT weighted top-{args.k}", f"{report.score:.2f}",
                     f"{report.relative_error_reduction():+.3f}")
     console.print(results)
     n_test = min(args.test_examples, len(target.load("test")))
