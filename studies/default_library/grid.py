@@ -1,11 +1,12 @@
-"""The default library's transfer grid: `spot study --library` over the 17 sources and the 8
-targets, then each target's baseline trained long (how far the grid's budget is from it).
-Commits the study's result files as they land, so an interrupted run loses at most one cell.
+"""The default library's transfer grid: build.py for any source not built yet, then `spot study
+--library` over the 17 sources and the 8 targets, then each target's baseline trained long (how
+far the grid's budget is from it). Commits the study's result files as they land, so an
+interrupted run loses at most the cells in flight.
 
     python studies/default_library/grid.py [--no-commit] [--skip-long]
 
-Needs every source in published/ (build.py). Resumes: cells in grid/results.jsonl,
-grid/weighted.jsonl and grid/zero_step.jsonl are not run again.
+Resumes: built sources, and cells in grid/results.jsonl, grid/weighted.jsonl and
+grid/zero_step.jsonl, are not run again.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--no-commit", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
     args = parser.parse_args()
+    flags = ["--no-commit"] if args.no_commit else []
+    subprocess.run([sys.executable, str(HERE / "build.py"), *flags], cwd=REPO, check=True)
     run_grid(args.no_commit)
     if not args.skip_long:
         run_long_baselines(args.no_commit)
