@@ -262,6 +262,12 @@ def _quality_section(study: Study, quality: list[RetrievalQuality], ks: Sequence
              "over targets (n: targets where defined). Gain kept at k = (best of top-k − "
              "baseline) / (oracle − baseline), mean over targets; random: expectation over all "
              f"k-subsets; p: {n_permutations:,} shuffles of each target's source order.", ""]
+    grids = target_grids(study)
+    roomless = [g.target for g in grids if not (g.oracle > g.baseline).any()]
+    if roomless:
+        lines += [f"No source beats the baseline on {', '.join(roomless)} ({len(roomless)} of "
+                  f"{len(grids)} targets): there is no gain to keep, so they count 1.0 at every "
+                  "k, for random picks too.", ""]
     header = ["similarity", "targets", "Spearman ρ", "Pearson r", "n"]
     for k in ks:
         header += [f"gain@{k}", f"random@{k}", f"p@{k}"]

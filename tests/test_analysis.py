@@ -568,6 +568,19 @@ def test_markdown_formats_numbers_and_p_values(tmp_path):
     assert "SYNTHETIC" not in text
 
 
+def test_markdown_names_targets_where_no_source_beats_the_baseline(tmp_path):
+    rq = pytest.importorskip("spot.retrieval_quality")
+    rows = [nrow(s, "T0", 0, 60.0, score, {"m": sim}) for s, score, sim in
+            (("A", 50.0, 0.9), ("B", 55.0, 0.1))]  # nothing beats 60: no room
+    rows += [nrow(s, "T1", 0, 50.0, score, {"m": sim}) for s, score, sim in
+             (("A", 70.0, 0.1), ("B", 60.0, 0.9))]  # top-1 keeps (60 - 50) / (70 - 50)
+    text = rq.retrieval_quality_markdown(load_study(write_study(tmp_path / "s", rows)), ks=(1,),
+                                         n_permutations=100)
+    assert "No source beats the baseline on T0 (1 of 2 targets)" in text
+    (line,) = [line for line in text.splitlines() if line.startswith("| m | 2 |")]
+    assert line.strip("| ").split(" | ")[5] == "0.75"  # (1.0 for T0 + 0.5 for T1) / 2
+
+
 # --------------------------------------------------------------------------- example study
 
 
