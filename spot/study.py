@@ -290,14 +290,13 @@ def run_study(
             found = {s: Retrieved(s, "", "", sims[s][by], sources[s].value) for s in sources}
             transfer_config = dataclasses.replace(config.target, task=target, seed=seed)
             seed_dir = target_dir / f"seed{seed}"
-            if todo:
+            for s in todo:  # one cell at a time, each written as it lands
                 report = run_transfer(backbone, task, transfer_config, seed_dir,
-                                      retrieved=[found[s] for s in todo], baseline=False,
-                                      test_examples=config.test_examples, test_every_run=True)
-                for s in todo:
-                    done[s, target, seed] = row(s, target, seed, metric, transfer_config.steps,
-                                                base_score, report.test_scores[s], sims[s],
-                                                zero.get(s))
+                                      retrieved=[found[s]], baseline=False,
+                                      test_examples=config.test_examples)
+                done[s, target, seed] = row(s, target, seed, metric, transfer_config.steps,
+                                            base_score, report.score, sims[s], zero.get(s))
+                write_results(out, config, done, weighted)
             if from_library and (target, seed) not in weighted:
                 picks = [found[s] for s in ranked[:config.k]]
                 report = run_transfer(backbone, task, transfer_config, seed_dir,
