@@ -242,11 +242,25 @@ def zero_step_scores(
     return cached
 
 
+def weighted_run(
+    backbone: Backbone, task: Task, config: TrainConfig, out: Path, picks: list[Retrieved],
+    baseline: float, by: str, test_examples: int,
+) -> dict[str, Any]:
+    """SPoT's weighted init from `picks` tuned on `task` (out/weighted): a weighted.jsonl row."""
+    report = run_transfer(backbone, task, config, out, retrieved=picks, strategy="weighted",
+                          baseline=False, test_examples=test_examples)
+    return {"target": task.name, "seed": config.seed, "k": len(picks), "by": by,
+            "sources": [p.task for p in picks], "similarities": [p.similarity for p in picks],
+            "metric": task.metrics[0], "steps": config.steps, "baseline_score": baseline,
+            "transfer_score": report.score,
+            "relative_error_reduction": relative_error_reduction(baseline, report.score)}
+
+
 def run_study(
     backbone: Backbone, config: StudyConfig, out: str | Path,
     tasks: Mapping[str, Task] | None = None,
 ) -> Path:
-    """Run every cell not yet in results.jsonl; write the result files after each target seed.
+    """Run every cell not yet in results.jsonl or weighted.jsonl; write each as it lands.
     `tasks` holds tasks by name that are not registered (e.g. over the user's files)."""
     task_of, out, library = open_study(config, out, tasks)
     from_library = config.library is not None
@@ -274,7 +288,8 @@ def run_study(
             if from_library and seed not in config.seeds:
                 chosen = ranked[:config.k]
             todo = [s for s in chosen if (s, target, seed) not in done]
-            if not todo and (target, seed) in weighted or not (todo or from_library):
+            needs_weighted = from_library and (target, seed) not in weighted
+            if not (todo or needs_weighted):
                 continue
             console.print(f"[bold]target[/bold] {target} seed {seed}: {len(todo)} cells")
             baseline = baseline_run(backbone, task, config, target_dir, seed)
@@ -297,19 +312,10 @@ def run_study(
                 done[s, target, seed] = row(s, target, seed, metric, transfer_config.steps,
                                             base_score, report.score, sims[s], zero.get(s))
                 write_results(out, config, done, weighted)
-            if from_library and (target, seed) not in weighted:
-                picks = [found[s] for s in ranked[:config.k]]
-                report = run_transfer(backbone, task, transfer_config, seed_dir,
-                                      retrieved=picks, strategy="weighted", baseline=False,
-                                      test_examples=config.test_examples)
-                weighted[target, seed] = {
-                    "target": target, "seed": seed, "k": config.k, "by": by,
-                    "sources": [p.task for p in picks],
-                    "similarities": [p.similarity for p in picks], "metric": metric,
-                    "steps": transfer_config.steps, "baseline_score": base_score,
-                    "transfer_score": report.score,
-                    "relative_error_reduction": relative_error_reduction(base_score,
-                                                                         report.score)}
+            if needs_weighted:
+                weighted[target, seed] = weighted_run(
+                    backbone, task, transfer_config, seed_dir, [found[s] for s in ranked[:config.k]],
+                    base_score, by, config.test_examples)
             write_results(out, config, done, weighted)
     write_results(out, config, done, weighted)
     write_similarities(out, {name: src.keys for name, src in sources.items()}, config, task_of)
