@@ -1,7 +1,8 @@
 """Ship the finished sources as `spot/default_library`: a new library holding the build's key
 protocols and, for every source in sources.jsonl, its value and a key per recipe, rebuilt from
 the committed files in runs/ (no model is loaded); write its README and the sources table of
-this study's README.
+this study's README. A source whose value does not beat zero-shot on its test split is left
+out (and named).
 
     python studies/default_library/ship.py
 """
@@ -49,7 +50,12 @@ def main() -> None:
     library = Library(DEST)
     for protocol, default in published.protocols():
         library.register_protocol(protocol, published.protocol_start(protocol), default=default)
-    names = list(done_rows(HERE / "sources.jsonl"))
+    rows = list(done_rows(HERE / "sources.jsonl").values())
+    names = [r["task"] for r in rows if r["value_test"] > r["zero_shot_test"]]
+    for r in rows:  # a value that does not beat zero-shot on its own task is not shipped
+        if r["task"] not in names:
+            console.print(f"[yellow]not shipped: {r['task']} (value {r['value_test']:.2f} <= "
+                          f"zero-shot {r['zero_shot_test']:.2f})[/yellow]")
     for name in names:
         publish_source(library, name)
     report = library.verify(repair=True)
@@ -57,8 +63,8 @@ def main() -> None:
         raise SystemExit(f"the shipped library does not verify: {report.to_dict()}")
     for name in ("lock", "lock.gate"):
         (DEST / name).unlink(missing_ok=True)
-    rows = list(done_rows(HERE / "sources.jsonl").values())
-    (DEST / "README.md").write_text(LIBRARY_README.format(n=len(rows), table=sources_table(rows)))
+    (DEST / "README.md").write_text(LIBRARY_README.format(
+        n=len(names), table=sources_table([r for r in rows if r["task"] in names])))
     study = HERE / "README.md"
     text = study.read_text()
     block = (f"<!-- sources -->\nFinished: {len(rows)} of {len(SOURCES)}. Train times are wall "
