@@ -96,6 +96,13 @@ def study(
     files = {task.name: task for task in given.values() if task.name not in list_tasks()}
     if ray is None:
         run_study(backbones.load(config.target.backbone), config, out, files)
+    elif library is not None:
+        from spot.ray_library_study import run_library_study_on_ray
+        from spot.ray_runner import ray_options
+
+        run_library_study_on_ray(config.target.backbone, backbones.load(config.target.backbone),
+                                 config, out, files, ray_options(ray, cpus_per_run, out,
+                                                                 shared_runs))
     else:
         from spot.ray_runner import ray_options, run_study_on_ray
 

@@ -21,11 +21,13 @@ class _Bar:
         self._progress, self._task_id = progress, task_id
         self._fields: dict[str, float | str] = {}
 
-    def update(self, completed: int, **fields: float | str) -> None:
-        """Move to `completed`; fields: loss, score (validation), rate (examples/s), note."""
+    def update(self, completed: int, total: int | None = None, **fields: float | str) -> None:
+        """Move to `completed` (of a new `total`, if given); fields: loss, score (validation),
+        rate (examples/s), note."""
         self._fields.update(fields)
         if self._progress is not None:
-            self._progress.update(self._task_id, completed=completed, detail=self._detail())
+            self._progress.update(self._task_id, completed=completed, detail=self._detail(),
+                                  **({} if total is None else {"total": total}))
 
     def _detail(self) -> str:
         formats = {"loss": "loss {:.4f}", "score": "val {:.2f}", "rate": "{:.1f} ex/s"}

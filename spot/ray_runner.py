@@ -175,7 +175,7 @@ def target_run(
     source: str | None = None,
 ) -> dict[str, Any]:
     """A target run from the config's own init (a baseline) or from `init`, a source's value:
-    its key and held-out test score."""
+    its key, held-out test score and best validation score."""
     started = time.perf_counter()
     model, target, cfg = _backbone(backbone), task_from_payload(task), TrainConfig(**config)
     init_digest = None if init is None else hashlib.sha256(init.tobytes()).hexdigest()
@@ -185,7 +185,7 @@ def target_run(
         run = (train(model, target, cfg, out, show_progress=False) if init is None
                else train_from_prompt(model, target, cfg, out, init, source or "source"))
         score = held_out_score(model, target, run, test_examples)
-    return _finished(started, key=run.key, score=score)
+    return _finished(started, key=run.key, score=score, validation=run.value_score)
 
 
 # ---- the driver
@@ -228,7 +228,8 @@ class _Runs:
         slots = max(1, int(cpus // self._options.cpus_per_run))
         with progress_bar("runs", self.total) as bar:
             while self._pending:
-                bar.update(len(self._seconds) + len(self.failed), note=self._note(slots))
+                bar.update(len(self._seconds) + len(self.failed), self.total,
+                           note=self._note(slots))
                 ready, _ = self._ray.wait(list(self._pending), num_returns=1, timeout=1.0)
                 for ref in ready:
                     key, description = self._pending.pop(ref)
@@ -259,10 +260,10 @@ def run_study_on_ray(
 ) -> Path:
     """`spot.study.run_study` with every run a Ray task: the same files, cell for cell.
     `backbone` is the spec each worker loads (`spot.backbones.load`). Studies that train their
-    sources only: a library study runs sequentially."""
+    sources only (a library study: `spot.ray_library_study`)."""
     if config.library is not None:
-        raise ValueError("--ray runs studies that train their sources; run a --library study "
-                         "without --ray")
+        raise ValueError("a library study runs on Ray with "
+                         "spot.ray_library_study.run_library_study_on_ray")
     task_of, out, library = open_study(config, out, tasks)
     cells = list(itertools.product(config.targets, config.seeds))
     root = None if options.run_root is None else str(options.run_root)

@@ -203,6 +203,22 @@ def train_sources(
     return sources
 
 
+def baseline_dir(config: StudyConfig, init: str, seed: int) -> str:
+    """The baseline run's folder under its target's, for this init and seed."""
+    inits = config.baseline_inits or (config.target.init,)
+    name = "baseline" if len(inits) == 1 else "baseline-" + re.sub(r"\W+", "_", init)[:32]
+    return f"seed{seed}/{name}"
+
+
+def write_init_choice(target_dir: Path, validation: Mapping[str, float]) -> str:
+    """Keep the best init on validation in target_dir/init.json; returns it."""
+    init = max(validation, key=validation.__getitem__)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(target_dir / "init.json",
+                 json.dumps({"init": init, "validation": dict(validation)}, indent=1).encode())
+    return init
+
+
 def baseline_run(
     backbone: Backbone, task: Task, config: StudyConfig, target_dir: Path, seed: int,
 ) -> TrainResult:
@@ -211,17 +227,15 @@ def baseline_run(
     inits = config.baseline_inits or (config.target.init,)
 
     def run(init: str, s: int) -> TrainResult:
-        name = "baseline" if len(inits) == 1 else "baseline-" + re.sub(r"\W+", "_", init)[:32]
         return train(backbone, task, dataclasses.replace(
-            config.target, task=task.name, init=init, seed=s), target_dir / f"seed{s}" / name)
+            config.target, task=task.name, init=init, seed=s),
+            target_dir / baseline_dir(config, init, s))
 
     init = inits[0]
     if len(inits) > 1:
         choice = target_dir / "init.json"
         if not choice.is_file():
-            scores = {init: run(init, 0).value_score for init in inits}
-            atomic_write(choice, json.dumps({"init": max(scores, key=scores.__getitem__),
-                                             "validation": scores}, indent=1).encode())
+            write_init_choice(target_dir, {init: run(init, 0).value_score for init in inits})
         init = json.loads(choice.read_text())["init"]
     return run(init, seed)
 

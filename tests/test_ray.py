@@ -151,3 +151,40 @@ assert "ray" not in sys.modules
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_library_study_on_ray_equals_sequential(local_ray, tiny_llama, tmp_path):
+    from spot.publish import ensure_protocol
+    from spot.ray_library_study import run_library_study_on_ray
+    from spot.ray_runner import RayOptions
+    from spot.task_embedding import embed_task, key_metadata
+    from spot.tasks import get_task
+    from spot.train import train
+
+    names = register_tiny_tasks()
+    library = Library(tmp_path / "library")
+    for name in (names[0], names[2]):
+        run = train(tiny_llama, get_task(name), TrainConfig(**{**BASE.__dict__, "task": name}),
+                    tmp_path / "sources" / name, show_progress=False)
+        for recipe in ("gradient", "trained"):
+            protocol, start = ensure_protocol(library, tiny_llama, recipe)
+            key = embed_task(tiny_llama, get_task(name), protocol, start)
+            library.publish((key, key_metadata(protocol, get_task(name))),
+                            run.out / "value.safetensors", {"task": name})
+    config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), source=None,
+                         target=BASE, seeds=(0,), test_examples=16, library=str(library.root),
+                         pick_seeds=(1,), k=1, baseline_inits=("class_labels", "sampled_vocab"))
+
+    def files(study: Path) -> dict:
+        found = {f: _read(study / f) for f in ("results.jsonl", "weighted.jsonl",
+                                               "similarity.jsonl")}
+        found["zero"] = sorted(_read(study / "zero_step.jsonl"), key=json.dumps)
+        found["init"] = json.loads((study / "targets" / names[1] / "init.json").read_text())
+        return found
+
+    sequential = files(run_study(tiny_llama, config, tmp_path / "seq"))
+    # run directories in the workers' temp dirs: the driver writes every file
+    out = run_library_study_on_ray(TINY, tiny_llama, config, tmp_path / "ray", None, RayOptions())
+    assert files(out) == sequential
+    assert [r["seed"] for r in sequential["results.jsonl"]] == [0, 0, 1]
+    assert [w["seed"] for w in sequential["weighted.jsonl"]] == [0, 1]
