@@ -43,6 +43,7 @@ from spot.study import (
     open_study,
     pick_name,
     row,
+    weighted_dir,
     write_init_choice,
     write_results,
     write_similarities,
@@ -139,12 +140,14 @@ def run_library_study_on_ray(
                 for source in picks:
                     cell(source, target, seed)
             for seed in seeds:
-                if (target, seed) not in weighted:
+                kept = weighted.get((target, seed))  # stale if the picks changed
+                if kept is None or kept["by"] != by or kept["sources"] != picks:
                     found = [sims[target][s][by] for s in picks]
                     init = weighted_average([sources[s].value for s in picks], found)
                     submit(("weighted", target, seed), f"weighted -> {target} seed {seed}",
                            target_run, backbone, data[target], target_config(target, seed), root,
-                           f"targets/{target}/seed{seed}/weighted/weighted", config.test_examples,
+                           f"targets/{target}/seed{seed}/{weighted_dir(picks)}/weighted/weighted",
+                           config.test_examples,
                            init, "weighted")
                     mixed[target, seed] = (picks, found, np.nan)
 

@@ -12,7 +12,7 @@ Layout of the study folder:
     targets/<task>/init.json            the baseline init chosen on validation (baseline_inits)
     targets/<task>/seed<s>/baseline     the target from its own init at the target budget
     targets/<task>/seed<s>/best-of-k/   the target initialised from each source's value
-    targets/<task>/seed<s>/weighted/    SPoT's weighted top-k init
+    targets/<task>/seed<s>/weighted-<picks digest>/   SPoT's weighted top-k init
     study.json, results.jsonl, weighted.jsonl, zero_step.jsonl, similarity.jsonl, tasks.json
 A library study also scores every source value untuned on every target (zero-step), tunes
 SPoT's weighted top-k init for every seed, and runs its `pick_seeds` on each target's top-k
@@ -24,6 +24,7 @@ its committed result files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -256,13 +257,20 @@ def zero_step_scores(
     return cached
 
 
+def weighted_dir(picks: Sequence[str]) -> str:
+    """The folder of the weighted runs from these picks, under the target seed's folder (named by
+    the picks, so a study given more sources, and new picks, does not resume the old run)."""
+    return "weighted-" + hashlib.sha256("+".join(picks).encode()).hexdigest()[:8]
+
+
 def weighted_run(
-    backbone: Backbone, task: Task, config: TrainConfig, out: Path, picks: list[Retrieved],
+    backbone: Backbone, task: Task, config: TrainConfig, seed_dir: Path, picks: list[Retrieved],
     baseline: float, by: str, test_examples: int,
 ) -> dict[str, Any]:
-    """SPoT's weighted init from `picks` tuned on `task` (out/weighted): a weighted.jsonl row."""
-    report = run_transfer(backbone, task, config, out, retrieved=picks, strategy="weighted",
-                          baseline=False, test_examples=test_examples)
+    """SPoT's weighted init from `picks` tuned on `task`: a weighted.jsonl row."""
+    report = run_transfer(backbone, task, config, seed_dir / weighted_dir([p.task for p in picks]),
+                          retrieved=picks, strategy="weighted", baseline=False,
+                          test_examples=test_examples)
     return {"target": task.name, "seed": config.seed, "k": len(picks), "by": by,
             "sources": [p.task for p in picks], "similarities": [p.similarity for p in picks],
             "metric": task.metrics[0], "steps": config.steps, "baseline_score": baseline,
@@ -302,7 +310,9 @@ def run_study(
             if from_library and seed not in config.seeds:
                 chosen = ranked[:config.k]
             todo = [s for s in chosen if (s, target, seed) not in done]
-            needs_weighted = from_library and (target, seed) not in weighted
+            kept = weighted.get((target, seed))  # stale if the picks changed (more sources)
+            needs_weighted = from_library and (kept is None or kept["by"] != by
+                                               or kept["sources"] != ranked[:config.k])
             if not (todo or needs_weighted):
                 continue
             console.print(f"[bold]target[/bold] {target} seed {seed}: {len(todo)} cells")

@@ -211,3 +211,36 @@ def test_study_config_refuses_inconsistent_grids():
         StudyConfig(("a",), ("b",), target, target, pick_seeds=(1,))
     with pytest.raises(ValueError, match="overlap"):
         StudyConfig(("a",), ("b",), None, target, library="lib", pick_seeds=(0,))
+
+
+def test_library_study_given_more_sources_keeps_cells_and_redoes_stale_picks(tiny_llama, tmp_path):
+    from spot.publish import ensure_protocol
+    from spot.study import StudyConfig, run_study
+    from spot.task_embedding import embed_task, key_metadata
+
+    names = register_tiny_tasks()
+    base = TrainConfig(task=names[0], steps=4, prompt_length=4, eval_every=4, eval_examples=16,
+                       max_length=32)
+    library = Library(tmp_path / "library")
+    protocol, start = ensure_protocol(library, tiny_llama, "gradient")
+    for name in (names[0], names[2]):
+        run = train(tiny_llama, get_task(name), TrainConfig(**{**base.__dict__, "task": name}),
+                    tmp_path / "sources" / name, show_progress=False)
+        library.publish((embed_task(tiny_llama, get_task(name), protocol, start),
+                         key_metadata(protocol, get_task(name))), run.out / "value.safetensors",
+                        {"task": name})
+    out = tmp_path / "study"
+
+    def study(sources):
+        config = StudyConfig(sources=sources, targets=(names[1],), source=None, target=base,
+                             test_examples=16, library=str(library.root), k=2)
+        run_study(tiny_llama, config, out)
+        return ([json.loads(line) for line in (out / f).read_text().splitlines()]
+                for f in ("results.jsonl", "weighted.jsonl"))
+
+    (first,), (weighted,) = study((names[0],))
+    assert weighted["sources"] == [names[0]]
+    rows, (again,) = study((names[0], names[2]))
+    assert rows[0] == first  # the finished cell is kept, not run again
+    assert sorted(again["sources"]) == sorted([names[0], names[2]])  # new picks: a new run
+    assert len(list((out / "targets" / names[1] / "seed0").glob("weighted-*"))) == 2
