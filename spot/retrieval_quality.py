@@ -221,6 +221,7 @@ def pick_table(study: Study, name: str | None = None, k: int = 3) -> list[PickRo
 def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return DASH
+    value = round(value, digits) + 0.0  # no "-0.00" for a value that rounds to zero
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 

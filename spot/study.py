@@ -303,6 +303,8 @@ def run_study(
             zero = zero_step_scores(backbone, task, sources, config.test_examples,
                                     out / "zero_step.jsonl")
             queries = target_queries(backbone, task, library, query_dir)
+            write_similarities(out, {name: src.keys for name, src in sources.items()}, config,
+                               task_of)
             sims = {s: library_similarities(src, queries) for s, src in sources.items()}
             ranked = sorted(sources, key=lambda s: -sims[s][by])
         for seed in (*config.seeds, *config.pick_seeds):
@@ -363,7 +365,8 @@ def write_similarities(
     config: StudyConfig, task_of: Callable[[str], Task],
 ) -> None:
     """similarity.jsonl: all ordered pairs of task keys (sources: recipe -> (key, start);
-    targets: their queries in out/queries/) under every similarity name; and tasks.json."""
+    targets: their queries in out/queries/, those made so far) under every similarity name;
+    and tasks.json."""
     tasks = {name: {r: key for r, (key, _) in keys.items()} for name, keys in source_keys.items()}
     starts = {r: start for keys in source_keys.values() for r, (_, start) in keys.items()}
     for target in config.targets:
@@ -374,7 +377,8 @@ def write_similarities(
         IN_RUN_METRICS if recipe == "in-run" else metric_names(recipe))]
     rows = [{"a": a, "b": b, "metric": metric if recipe == "in-run" else f"{recipe}/{metric}",
              "similarity": similarity(ka[recipe], kb[recipe], metric, starts[recipe])}
-            for recipe, metric in names for a, ka in tasks.items() for b, kb in tasks.items()]
+            for recipe, metric in names for a, ka in tasks.items() for b, kb in tasks.items()
+            if recipe in ka and recipe in kb]
     _write_jsonl(out / "similarity.jsonl", rows)
     roles = {name: "source" for name in config.sources}
     for target in config.targets:
