@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_tasks import register_tiny_tasks
+from tiny_tasks import publish_tiny_sources, register_tiny_tasks
 
 from library import Library
 from spot.study import StudyConfig, run_study
@@ -137,7 +137,7 @@ def test_library_build_on_ray_publishes_what_a_sequential_build_does_once(
 def test_study_without_ray_does_not_import_ray(tmp_path):
     code = f"""
 import sys
-from tiny_tasks import register_tiny_tasks
+from tiny_tasks import publish_tiny_sources, register_tiny_tasks
 from typer.testing import CliRunner
 from spot.cli import app
 names = register_tiny_tasks()
@@ -154,23 +154,12 @@ assert "ray" not in sys.modules
 
 
 def test_library_study_on_ray_equals_sequential(local_ray, tiny_llama, tmp_path):
-    from spot.publish import ensure_protocol
     from spot.ray_library_study import run_library_study_on_ray
     from spot.ray_runner import RayOptions
-    from spot.task_embedding import embed_task, key_metadata
-    from spot.tasks import get_task
-    from spot.train import train
 
     names = register_tiny_tasks()
     library = Library(tmp_path / "library")
-    for name in (names[0], names[2]):
-        run = train(tiny_llama, get_task(name), TrainConfig(**{**BASE.__dict__, "task": name}),
-                    tmp_path / "sources" / name, show_progress=False)
-        for recipe in ("gradient", "trained"):
-            protocol, start = ensure_protocol(library, tiny_llama, recipe)
-            key = embed_task(tiny_llama, get_task(name), protocol, start)
-            library.publish((key, key_metadata(protocol, get_task(name))),
-                            run.out / "value.safetensors", {"task": name})
+    publish_tiny_sources(tiny_llama, library, (names[0], names[2]), BASE, tmp_path / "sources")
     config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), source=None,
                          target=BASE, seeds=(0,), test_examples=16, library=str(library.root),
                          pick_seeds=(1,), k=1, baseline_inits=("class_labels", "sampled_vocab"))

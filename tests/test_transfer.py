@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny_tasks import register_tiny_tasks
+from tiny_tasks import publish_tiny_sources, register_tiny_tasks
 
 from library import Library, LibraryError
 from spot.analysis import relative_error_reduction
@@ -145,24 +145,14 @@ def test_library_study_scores_zero_step_picks_weighted_and_resumes_from_results(
     import shutil
 
     from spot.evaluation import evaluate
-    from spot.publish import ensure_protocol
     from spot.study import StudyConfig, run_study
-    from spot.task_embedding import embed_task, key_metadata
 
     names = register_tiny_tasks()
     base = TrainConfig(task=names[0], steps=8, prompt_length=4, eval_every=8, eval_examples=32,
                        max_length=32)
     library = Library(tmp_path / "library")
-    values = {}
-    for name in (names[0], names[2]):
-        run = train(tiny_llama, get_task(name), TrainConfig(**{**base.__dict__, "task": name}),
-                    tmp_path / "sources" / name, show_progress=False)
-        values[name] = run.value
-        for recipe in ("gradient", "trained"):
-            protocol, start = ensure_protocol(library, tiny_llama, recipe)
-            key = embed_task(tiny_llama, get_task(name), protocol, start)
-            library.publish((key, key_metadata(protocol, get_task(name))),
-                            run.out / "value.safetensors", {"task": name})
+    values = publish_tiny_sources(tiny_llama, library, (names[0], names[2]), base,
+                                  tmp_path / "sources")
     config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), source=None,
                          target=base, seeds=(0,), test_examples=32, library=str(library.root),
                          pick_seeds=(1,), k=1, baseline_inits=("class_labels", "sampled_vocab"))
@@ -214,21 +204,14 @@ def test_study_config_refuses_inconsistent_grids():
 
 
 def test_library_study_given_more_sources_keeps_cells_and_redoes_stale_picks(tiny_llama, tmp_path):
-    from spot.publish import ensure_protocol
     from spot.study import StudyConfig, run_study
-    from spot.task_embedding import embed_task, key_metadata
 
     names = register_tiny_tasks()
     base = TrainConfig(task=names[0], steps=4, prompt_length=4, eval_every=4, eval_examples=16,
                        max_length=32)
     library = Library(tmp_path / "library")
-    protocol, start = ensure_protocol(library, tiny_llama, "gradient")
-    for name in (names[0], names[2]):
-        run = train(tiny_llama, get_task(name), TrainConfig(**{**base.__dict__, "task": name}),
-                    tmp_path / "sources" / name, show_progress=False)
-        library.publish((embed_task(tiny_llama, get_task(name), protocol, start),
-                         key_metadata(protocol, get_task(name))), run.out / "value.safetensors",
-                        {"task": name})
+    publish_tiny_sources(tiny_llama, library, (names[0], names[2]), base, tmp_path / "sources",
+                         recipes=("gradient",))
     out = tmp_path / "study"
 
     def study(sources):

@@ -49,3 +49,25 @@ def register_tiny_tasks() -> list[str]:
         register_task(task, replace=True)
         names.append(task.name)
     return names
+
+
+def publish_tiny_sources(model, library, names, config, out, recipes=("gradient", "trained")):
+    """Train each named task with `config` under out/<name> and publish its value with a key per
+    recipe (the library's protocols, registered on first use); returns name -> value."""
+    from spot.publish import ensure_protocol
+    from spot.task_embedding import embed_task, key_metadata
+    from spot.tasks import get_task
+    from spot.train import TrainConfig, train
+
+    values = {}
+    for name in names:
+        task = get_task(name)
+        run = train(model, task, TrainConfig(**{**config.__dict__, "task": name}), out / name,
+                    show_progress=False)
+        values[name] = run.value
+        for recipe in recipes:
+            protocol, start = ensure_protocol(library, model, recipe)
+            library.publish((embed_task(model, task, protocol, start),
+                             key_metadata(protocol, task)), run.out / "value.safetensors",
+                            {"task": name})
+    return values
