@@ -11,6 +11,8 @@ folder when Ray is local) they keep `spot study`'s layout and resume across retr
 in the worker's temp dir under a digest of the run (a retry on that node resumes), removed once
 the run has returned.
 
+Workers need the package (the same image, or a Ray `runtime_env`) and rebuild the backbone
+once per node from its spec under `$SPOT_CACHE` (a model built in code: `module:function`).
 Task data travels with the runs: the driver loads each task's rows and puts them in Ray's object
 store once, so workers need neither SPOT_DATA nor the user's task files. Ray is imported only
 when a session is opened (`ray_session`).
