@@ -12,22 +12,21 @@ import json
 import re
 import statistics
 
-from build import HERE, SOURCES
+from common import HERE, SOURCES
 from grid import GRID
 
-from spot.analysis_io import load_study
+from spot.analysis_io import Study, load_study
 from spot.figures import write_figures
 from spot.retrieval_quality import retrieval_quality_markdown
 
 
-def long_baselines_markdown() -> str:
+def long_baselines_markdown(study: Study) -> str:
     """Each target's seed-0 baseline at the grid's budget vs its init trained long."""
     path = GRID / "long_baselines.jsonl"
     if not path.is_file():
         return "The long baselines (how far the grid's budget is from convergence) have not run."
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    results = [json.loads(line) for line in (GRID / "results.jsonl").read_text().splitlines()]
-    short = {r["target"]: r["baseline_score"] for r in results if r["seed"] == 0}
+    short = {r.target: r.baseline_score for r in study.rows if r.seed == 0}
     steps = json.loads((HERE / "target.json").read_text())["steps"]
     lines = [f"| target | init | baseline at {steps} steps (test) | long run: value step / steps "
              "run | long run test | gap |", "|---|---|---|---|---|---|"]
@@ -54,7 +53,7 @@ def main() -> None:
                   "result.**"]
     block = "\n\n".join([
         "<!-- grid -->", *status, retrieval_quality_markdown(study),
-        "### The grid's budget against a long baseline", long_baselines_markdown(),
+        "### The grid's budget against a long baseline", long_baselines_markdown(study),
         "Figures (`figures/`): " + ", ".join(f"`{p.name}`" for p in figures) + "\n"])
     readme = HERE / "README.md"
     readme.write_text(re.sub(r"<!-- grid -->.*?(?=<!-- /grid -->)", lambda _: block,

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from build import HERE, REPO, SOURCES, commit, console
+from common import HERE, REPO, SOURCES, commit, console
 
 TARGETS = ("rte", "cb", "copa", "wsc", "cola", "boolq", "mpqa", "bigbench_implicatures")
 GRID = HERE / "grid"

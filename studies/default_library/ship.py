@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 
-from build import HERE, REPO, SOURCES, console, done_rows, publish_source
+from common import HERE, REPO, SOURCES, console, done_rows, publish_source
 
 from library import Library
 

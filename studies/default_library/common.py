@@ -1,0 +1,55 @@
+"""What the default library's scripts share, without JAX: paths, the source list, the finished
+sources' rows, committing finished files, and publishing a finished source from runs/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from library import Library
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SOURCES = (
+    "sst2", "sst5", "mr", "subj", "trec", "agnews", "multirc",
+    "bigbench_social_support", "bigbench_epistemic_reasoning", "bigbench_presuppositions_as_nli",
+    "bigbench_strategyqa", "bigbench_sports_understanding", "bigbench_winowhy",
+    "bigbench_vitaminc_fact_verification", "bigbench_hyperbaton",
+    "bigbench_logical_fallacy_detection", "bigbench_intent_recognition",
+)
+RECIPES = ("gradient", "trained")
+console = Console()
+
+
+def done_rows(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    return {row["task"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def commit(paths: list[Path], message: str) -> None:
+    """Commit only these paths (other work in the tree stays uncommitted); retry on a busy index."""
+    rel = [str(p.relative_to(REPO)) for p in paths]
+    for _ in range(30):
+        add = subprocess.run(["git", "add", "-f", "--", *rel], cwd=REPO, capture_output=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--only", "--", *rel], cwd=REPO,
+            capture_output=True).returncode == 0
+        if done:
+            return
+        time.sleep(10)
+    console.print(f"[yellow]could not commit {rel}[/yellow]")
+
+
+def publish_source(library: Library, name: str) -> dict[str, str]:
+    """Publish a finished source's value and its key per recipe from runs/<name>/ (the library
+    holds the recipes' protocols); recipe -> key id."""
+    out = HERE / "runs" / name
+    data = "bigbench==1.0.0 sdist (PyPI)" if name.startswith("bigbench_") else "../shared/data"
+    return {recipe: library.publish(out / f"key.{recipe}.safetensors", out / "value.safetensors", {
+        "task": name, "rebuild": f"python studies/default_library/build.py {name}",
+        "data": data}).key for recipe in RECIPES}
