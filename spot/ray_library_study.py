@@ -20,9 +20,7 @@ from typing import Any
 import numpy as np
 
 from library import KeyProtocol, load_prompt, save_prompt
-from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone
-from spot.evaluation import evaluate
 from spot.ray_runner import (
     RayOptions,
     _backbone,
@@ -41,12 +39,14 @@ from spot.study import (
     library_similarities,
     library_sources,
     open_study,
-    pick_name,
     row,
     weighted_dir,
+    weighted_is_current,
+    weighted_row,
     write_init_choice,
     write_results,
     write_similarities,
+    zero_step_score,
 )
 from spot.task_embedding import embed_task, key_metadata
 from spot.tasks import Task
@@ -67,8 +67,8 @@ def zero_step_run(
     """Each value scored untuned on the task's test rows."""
     started = time.perf_counter()
     model, target = _backbone(backbone), task_from_payload(task)
-    return _finished(started, scores={name: evaluate(model, value, target, "test", limit=limit)[
-        target.metrics[0]] for name, value in values.items()})
+    return _finished(started, scores={name: zero_step_score(model, target, value, limit)
+                                      for name, value in values.items()})
 
 
 def run_library_study_on_ray(
@@ -77,11 +77,9 @@ def run_library_study_on_ray(
 ) -> Path:
     """`spot.study.run_study` of a library study on Ray. `backbone` is the spec each worker
     loads; `model` the driver's copy (for the library's protocols)."""
-    task_of, out, library = open_study(config, out, tasks)
+    task_of, out, library, config = open_study(config, out, tasks, model)
+    by = config.pick_by
     sources = library_sources(library, model, config.sources)
-    by = pick_name(config, library, model)
-    config = dataclasses.replace(config, pick_by=by)
-    (out / "study.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     protocols = {p.recipe: (p, library.protocol_start(p)) for p, _ in
                  library.protocols(model.identity)}
     inits = config.baseline_inits or (config.target.init,)
@@ -140,8 +138,7 @@ def run_library_study_on_ray(
                 for source in picks:
                     cell(source, target, seed)
             for seed in seeds:
-                kept = weighted.get((target, seed))  # stale if the picks changed
-                if kept is None or kept["by"] != by or kept["sources"] != picks:
+                if not weighted_is_current(weighted.get((target, seed)), by, picks):
                     found = [sims[target][s][by] for s in picks]
                     init = weighted_average([sources[s].value for s in picks], found)
                     submit(("weighted", target, seed), f"weighted -> {target} seed {seed}",
@@ -229,10 +226,7 @@ def _collect(
             del cells[source, target, seed]
     for (target, seed), (picks, found, score) in list(mixed.items()):
         if (target, seed) in base and np.isfinite(score):
-            baseline = base[target, seed]
-            weighted[target, seed] = {
-                "target": target, "seed": seed, "k": len(picks), "by": by, "sources": picks,
-                "similarities": found, "metric": task_of(target).metrics[0],
-                "steps": config.target.steps, "baseline_score": baseline, "transfer_score": score,
-                "relative_error_reduction": relative_error_reduction(baseline, score)}
+            weighted[target, seed] = weighted_row(
+                target, seed, task_of(target).metrics[0], config.target.steps, picks, found, by,
+                base[target, seed], score)
             del mixed[target, seed]

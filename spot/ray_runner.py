@@ -266,7 +266,7 @@ def run_study_on_ray(
     if config.library is not None:
         raise ValueError("a library study runs on Ray with "
                          "spot.ray_library_study.run_library_study_on_ray")
-    task_of, out, library = open_study(config, out, tasks)
+    task_of, out, library, config = open_study(config, out, tasks)
     cells = list(itertools.product(config.targets, config.seeds))
     root = None if options.run_root is None else str(options.run_root)
     keys: dict[str, np.ndarray] = {}

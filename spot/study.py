@@ -97,8 +97,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def open_study(
     config: StudyConfig, out: str | Path, tasks: Mapping[str, Task] | None = None,
-) -> tuple[Callable[[str], Task], Path, Library]:
-    """(task by name, the study folder with its study.json written, the study's library)."""
+    backbone: Backbone | None = None,
+) -> tuple[Callable[[str], Task], Path, Library, StudyConfig]:
+    """(task by name, the study folder, the study's library, the config with `pick_by`
+    resolved (`pick_name`; a library study needs the `backbone`), as written to study.json)."""
     unregistered = dict(tasks or {})
 
     def task_of(name: str) -> Task:
@@ -106,8 +108,10 @@ def open_study(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    library = Library(config.library or out / "library")
+    config = dataclasses.replace(config, pick_by=pick_name(config, library, backbone))
     atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
-    return task_of, out, Library(config.library or out / "library")
+    return task_of, out, library, config
 
 
 def metric_names(recipe: str) -> tuple[str, ...]:
@@ -116,13 +120,15 @@ def metric_names(recipe: str) -> tuple[str, ...]:
     return BASE_METRICS + deltas
 
 
-def pick_name(config: StudyConfig, library: Library, backbone: Backbone) -> str:
+def pick_name(config: StudyConfig, library: Library, backbone: Backbone | None) -> str:
     """The similarity ranking each target's picks: `pick_by`, else the library's default
     protocol's recipe with "token" (a study training its sources: "token")."""
     if config.pick_by is not None:
         return config.pick_by
     if config.library is None:
         return "token"
+    if backbone is None:
+        raise ValueError("a library study needs its backbone to resolve pick_by")
     default = library.resolve_protocol(backbone.identity)
     if default is None:
         raise ValueError(f"{config.library} holds no key protocol for {backbone.identity}")
@@ -241,6 +247,11 @@ def baseline_run(
     return run(init, seed)
 
 
+def zero_step_score(backbone: Backbone, task: Task, value: np.ndarray, limit: int) -> float:
+    """A source value scored untuned on the task's first metric, over its test rows."""
+    return evaluate(backbone, value, task, "test", limit=limit)[task.metrics[0]]
+
+
 def zero_step_scores(
     backbone: Backbone, task: Task, sources: Mapping[str, Source], limit: int, path: Path,
 ) -> dict[str, float]:
@@ -250,8 +261,7 @@ def zero_step_scores(
     cached = {r["source"]: r["score"] for r in rows if r["target"] == task.name}
     for name, source in sources.items():
         if name not in cached:
-            cached[name] = evaluate(backbone, source.value, task, "test", limit=limit)[
-                task.metrics[0]]
+            cached[name] = zero_step_score(backbone, task, source.value, limit)
             rows.append({"target": task.name, "source": name, "score": cached[name]})
             _write_jsonl(path, rows)
     return cached
@@ -263,19 +273,34 @@ def weighted_dir(picks: Sequence[str]) -> str:
     return "weighted-" + hashlib.sha256("+".join(picks).encode()).hexdigest()[:8]
 
 
+def weighted_row(
+    target: str, seed: int, metric: str, steps: int, picks: Sequence[str],
+    similarities: Sequence[float], by: str, baseline: float, score: float,
+) -> dict[str, Any]:
+    """One weighted.jsonl row: SPoT's weighted init from `picks`, tuned."""
+    return {"target": target, "seed": seed, "k": len(picks), "by": by, "sources": list(picks),
+            "similarities": list(similarities), "metric": metric, "steps": steps,
+            "baseline_score": baseline, "transfer_score": score,
+            "relative_error_reduction": relative_error_reduction(baseline, score)}
+
+
+def weighted_is_current(kept: Mapping[str, Any] | None, by: str, picks: Sequence[str]) -> bool:
+    """Whether a kept weighted.jsonl row was made from these picks (a study given more sources
+    may pick others)."""
+    return kept is not None and kept["by"] == by and kept["sources"] == list(picks)
+
+
 def weighted_run(
     backbone: Backbone, task: Task, config: TrainConfig, seed_dir: Path, picks: list[Retrieved],
     baseline: float, by: str, test_examples: int,
 ) -> dict[str, Any]:
     """SPoT's weighted init from `picks` tuned on `task`: a weighted.jsonl row."""
-    report = run_transfer(backbone, task, config, seed_dir / weighted_dir([p.task for p in picks]),
+    names = [p.task for p in picks]
+    report = run_transfer(backbone, task, config, seed_dir / weighted_dir(names),
                           retrieved=picks, strategy="weighted", baseline=False,
                           test_examples=test_examples)
-    return {"target": task.name, "seed": config.seed, "k": len(picks), "by": by,
-            "sources": [p.task for p in picks], "similarities": [p.similarity for p in picks],
-            "metric": task.metrics[0], "steps": config.steps, "baseline_score": baseline,
-            "transfer_score": report.score,
-            "relative_error_reduction": relative_error_reduction(baseline, report.score)}
+    return weighted_row(task.name, config.seed, task.metrics[0], config.steps, names,
+                        [p.similarity for p in picks], by, baseline, report.score)
 
 
 def run_study(
@@ -284,15 +309,13 @@ def run_study(
 ) -> Path:
     """Run every cell not yet in results.jsonl or weighted.jsonl; write each as it lands.
     `tasks` holds tasks by name that are not registered (e.g. over the user's files)."""
-    task_of, out, library = open_study(config, out, tasks)
+    task_of, out, library, config = open_study(config, out, tasks, backbone)
+    by = config.pick_by
     from_library = config.library is not None
     if from_library:
         sources = library_sources(library, backbone, config.sources)
     else:
         sources = train_sources(backbone, config, out, library, task_of)
-    by = pick_name(config, library, backbone)
-    config = dataclasses.replace(config, pick_by=by)
-    atomic_write(out / "study.json", json.dumps(dataclasses.asdict(config), indent=1).encode())
     done = {(r["source"], r["target"], r["seed"]): r for r in _read_jsonl(out / "results.jsonl")}
     weighted = {(r["target"], r["seed"]): r for r in _read_jsonl(out / "weighted.jsonl")}
     for target in config.targets:
@@ -312,9 +335,8 @@ def run_study(
             if from_library and seed not in config.seeds:
                 chosen = ranked[:config.k]
             todo = [s for s in chosen if (s, target, seed) not in done]
-            kept = weighted.get((target, seed))  # stale if the picks changed (more sources)
-            needs_weighted = from_library and (kept is None or kept["by"] != by
-                                               or kept["sources"] != ranked[:config.k])
+            needs_weighted = from_library and not weighted_is_current(
+                weighted.get((target, seed)), by, ranked[:config.k])
             if not (todo or needs_weighted):
                 continue
             console.print(f"[bold]target[/bold] {target} seed {seed}: {len(todo)} cells")
