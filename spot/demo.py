@@ -16,6 +16,7 @@ import dataclasses
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from library import Library
 from spot import backbones
+from spot.analysis import load_study, mean_std
 from spot.paths import REPO_ROOT
 from spot.tasks import Task, get_task, task_from_file
 from spot.train import TrainConfig
@@ -44,39 +46,38 @@ def _target(args: argparse.Namespace) -> Task:
     return get_task(args.task)
 
 
-def _rows(grid: Path, name: str, target: str) -> list[dict]:
-    path = grid / name
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["target"] == target]
-
-
 def _spread(scores: list[float]) -> str:
+    """mean ± sd (seeds), or "–" for none."""
     if not scores:
         return "–"
-    if len(scores) == 1:
-        return f"{scores[0]:.2f} (1 seed)"
-    return f"{statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f} ({len(scores)} seeds)"
+    mean, std = mean_std(scores)
+    seeds = f"({len(scores)} seed{'s' if len(scores) > 1 else ''})"
+    return f"{mean:.2f} {seeds}" if len(scores) == 1 else f"{mean:.2f} ± {std:.2f} {seeds}"
 
 
 def study_table(
     target: str, baseline: float, transfer: float, k: int, grid: Path = GRID,
 ) -> Table | None:
     """This run beside the grid's numbers for `target` (None: the grid has not run it)."""
-    cells, weighted = _rows(grid, "results.jsonl", target), _rows(grid, "weighted.jsonl", target)
+    if not (grid / "results.jsonl").is_file():
+        return None
+    with warnings.catch_warnings():  # a grid in progress: its notes belong to the study README
+        warnings.simplefilter("ignore")
+        study = load_study(grid)
+    cells = [r for r in study.rows if r.target == target]
     if not cells:
         return None
-    seed0 = [r for r in cells if r["seed"] == 0]
-    baselines = {r["seed"]: r["baseline_score"] for r in cells}
+    seed0 = [r for r in cells if r.seed == 0]
+    baselines = {r.seed: r.baseline_score for r in cells}
     table = Table("", "this run (seed 0)", "transfer grid, studies/default_library/grid")
     table.add_row("baseline (own init)", f"{baseline:.2f}", _spread(list(baselines.values())))
     table.add_row(f"SPoT weighted top-{k}", f"{transfer:.2f}",
-                  _spread([r["transfer_score"] for r in weighted]))
-    scores = sorted(r["transfer_score"] for r in seed0)
-    best = max(seed0, key=lambda r: r["transfer_score"])
+                  _spread([w.transfer_score for w in study.weighted if w.target == target]))
+    scores = sorted(r.transfer_score for r in seed0)
+    best = max(seed0, key=lambda r: r.transfer_score)
     table.add_row(f"each of {len(seed0)} sources, tuned (seed 0)", "",
                   f"min {scores[0]:.2f} · median {statistics.median(scores):.2f} · best "
-                  f"{scores[-1]:.2f} ({best['source']})")
+                  f"{scores[-1]:.2f} ({best.source})")
     return table
 
 

@@ -6,10 +6,14 @@ import json
 
 from rich.console import Console
 
+from spot.analysis import relative_error_reduction
 from spot.demo import study_table
 
 
 def _write(path, rows):
+    for row in rows:  # the loader checks the stored relative error reduction
+        row["relative_error_reduction"] = relative_error_reduction(row["baseline_score"],
+                                                                   row["transfer_score"])
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -20,8 +24,8 @@ def _render(table) -> str:
 
 
 def test_study_table_reads_the_targets_grid_rows(tmp_path):
-    cell = dict(target="t", metric="accuracy", steps=50, relative_error_reduction=0.0,
-                similarity={"gradient/token": 0.1}, zero_step_score=None)
+    cell = dict(target="t", metric="accuracy", steps=50, similarity={"gradient/token": 0.1},
+                zero_step_score=None)
     _write(tmp_path / "results.jsonl", [
         {**cell, "source": "a", "seed": 0, "baseline_score": 50.0, "transfer_score": 60.0},
         {**cell, "source": "b", "seed": 0, "baseline_score": 50.0, "transfer_score": 40.0},
@@ -30,9 +34,11 @@ def test_study_table_reads_the_targets_grid_rows(tmp_path):
         {**cell, "source": "a", "target": "other", "seed": 0, "baseline_score": 1.0,
          "transfer_score": 99.0},
     ])
+    weighted = dict(target="t", k=3, by="gradient/token", sources=["a", "c", "b"],
+                    similarities=[0.1, 0.1, 0.1], metric="accuracy", steps=50)
     _write(tmp_path / "weighted.jsonl", [
-        {"target": "t", "seed": 0, "transfer_score": 61.0},
-        {"target": "t", "seed": 1, "transfer_score": 63.0},
+        {**weighted, "seed": 0, "baseline_score": 50.0, "transfer_score": 61.0},
+        {**weighted, "seed": 1, "baseline_score": 54.0, "transfer_score": 63.0},
     ])
     text = _render(study_table("t", 51.0, 62.0, 3, tmp_path))
     assert "52.00 ± 2.83 (2 seeds)" in text  # baselines 50, 54
