@@ -179,11 +179,13 @@ def target_queries(
     queries = {}
     for protocol, _ in library.protocols(backbone.identity):
         path = out / f"{protocol.recipe}.safetensors"
-        if not path.is_file():
-            key = embed_task(backbone, task, protocol, library.protocol_start(protocol))
-            out.mkdir(parents=True, exist_ok=True)
-            save_prompt(path, key, key_metadata(protocol, task))
-        queries[protocol.recipe] = load_prompt(path)[0]
+        if path.is_file():
+            queries[protocol.recipe] = load_prompt(path)[0]
+            continue
+        queries[protocol.recipe] = embed_task(backbone, task, protocol,
+                                              library.protocol_start(protocol))
+        out.mkdir(parents=True, exist_ok=True)
+        save_prompt(path, queries[protocol.recipe], key_metadata(protocol, task))
     return queries
 
 
