@@ -103,7 +103,7 @@ def test_task_loads_well_formed_and_deterministic(name):
         ("cb", (225, 25, 56)),
         ("boolq", (29, 3, 3270)),
         ("copa", (29, 3, 100)),
-        ("multirc", (143, 11, 4848)),
+        ("multirc", (154, 459, 4389)),
         ("wsc", (29, 3, 104)),
     ],
 )

@@ -10,7 +10,7 @@ from spot.tasks.core import Example, Task
 from spot.tasks.files import clean, data_file, read_rows
 from spot.tasks.registry import register_task
 from spot.tasks.sentence import YES_NO
-from spot.tasks.splits import complete_splits
+from spot.tasks.splits import carve, complete_splits
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -106,16 +106,18 @@ def wsc_row(row: Row) -> Example:
     return Example(text, YES_NO, flag(row["label"]))
 
 
+def read_jsonl(name: str, filename: str, convert: Callable[[Row], T]) -> list[T]:
+    return read_rows(data_file(name, filename), lambda line: convert(json.loads(line)))
+
+
 def jsonl_splits(name: str, convert: Callable[[Row], T]) -> dict[str, list[T]]:
     """<name>/train.jsonl and <name>/val.jsonl: val is the test split, validation is carved."""
-
-    def read(filename: str) -> list[T]:
-        return read_rows(
-            data_file(name, filename), lambda line: convert(json.loads(line))
-        )
-
     return complete_splits(
-        name, {"train": read("train.jsonl"), "test": read("val.jsonl")}
+        name,
+        {
+            "train": read_jsonl(name, "train.jsonl", convert),
+            "test": read_jsonl(name, "val.jsonl", convert),
+        },
     )
 
 
@@ -132,12 +134,16 @@ def _register(
 
 
 def multirc() -> dict[str, list[Example]]:
-    # Carved by passage (JSONL row) so no question straddles train and validation.
-    splits = jsonl_splits("multirc", multirc_row)
-    return {
-        split: [e for group in groups for e in group]
-        for split, groups in splits.items()
+    """All of FewGLUE's 32 training passages train; validation is carved by passage from the
+    SuperGLUE dev file (val.jsonl) and the rest of it is test, so no question straddles two
+    splits and validation has hundreds of rows (FewGLUE's 32 passages would leave 3)."""
+    test, validation = carve(read_jsonl("multirc", "val.jsonl", multirc_row), "multirc/validation")
+    splits = {
+        "train": read_jsonl("multirc", "train.jsonl", multirc_row),
+        "validation": validation,
+        "test": test,
     }
+    return {split: [e for group in groups for e in group] for split, groups in splits.items()}
 
 
 _register("rte", "nli", rte_row, 2)
