@@ -114,13 +114,6 @@ class Study:
         return sorted({r.seed for r in self.rows})
 
     @property
-    def all_tasks(self) -> list[str]:
-        names = {r.source for r in self.rows} | {r.target for r in self.rows}
-        for pairs in self.similarity.values():
-            names |= {a for a, _ in pairs}
-        return _ordered(names, self._order)
-
-    @property
     def synthetic(self) -> bool:
         """True when tasks.json marks the study (or any task in it) as synthetic example data."""
         return any(bool(meta.get("synthetic")) for meta in self.tasks.values())

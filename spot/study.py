@@ -410,18 +410,3 @@ def write_similarities(
     meta = {name: {"family": task_of(name).family, "role": role} for name, role in roles.items()}
     atomic_write(out / "tasks.json", json.dumps(meta, indent=1).encode())
 
-
-def ship_sources(
-    study_dir: str | Path, dest: str | Path, rebuild_command: str, sources: Sequence[str]
-) -> Library:
-    """Publish finished source runs of a study into the library at `dest`, each entry recording
-    where its training data comes from and the command that rebuilds it."""
-    study_dir = Path(study_dir)
-    library = Library(dest)
-    for name in sources:
-        run = study_dir / "sources" / name
-        data = ("bigbench==1.0.0 sdist (PyPI)" if get_task(name).family == "bigbench"
-                else "../shared/data (not on a fresh machine)")
-        library.publish(run / "key.safetensors", run / "value.safetensors",
-                        {"task": name, "data": data, "rebuild": rebuild_command})
-    return library
