@@ -16,7 +16,8 @@ Layout of the study folder:
     study.json, results.jsonl, weighted.jsonl, zero_step.jsonl, similarity.jsonl, tasks.json
 A library study also scores every source value untuned on every target (zero-step), tunes
 SPoT's weighted top-k init for every seed, and runs its `pick_seeds` on each target's top-k
-picks only (ranked by `pick_by`); `seeds` run the full grid. A cell already in results.jsonl
+picks only (ranked by `pick_by`); `seeds` run the full grid. Cells run seed by seed (every
+target at the first seed before any at the next), one at a time. A cell already in results.jsonl
 or weighted.jsonl is never run again, so a killed study resumes even on a fresh checkout of
 its committed result files.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -305,6 +307,17 @@ def weighted_run(
                         [p.similarity for p in picks], by, baseline, report.score)
 
 
+def score_target(
+    backbone: Backbone, task: Task, library: Library, sources: Mapping[str, Source],
+    config: StudyConfig, out: Path,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """A library study's untuned work on one target: each source's zero-step score, and its
+    similarities to the target's queries (both kept in `out`)."""
+    zero = zero_step_scores(backbone, task, sources, config.test_examples, out / "zero_step.jsonl")
+    queries = target_queries(backbone, task, library, out / "queries" / task.name)
+    return zero, {s: library_similarities(src, queries) for s, src in sources.items()}
+
+
 def run_study(
     backbone: Backbone, config: StudyConfig, out: str | Path,
     tasks: Mapping[str, Task] | None = None,
@@ -320,53 +333,54 @@ def run_study(
         sources = train_sources(backbone, config, out, library, task_of)
     done = {(r["source"], r["target"], r["seed"]): r for r in _read_jsonl(out / "results.jsonl")}
     weighted = {(r["target"], r["seed"]): r for r in _read_jsonl(out / "weighted.jsonl")}
-    for target in config.targets:
+    scored: dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]] = {}  # zero, sims
+    # Seed-major: every target's full grid at the first seed lands before any extra seed, so an
+    # interrupted study already measures retrieval on all the targets it reached.
+    for seed, target in itertools.product((*config.seeds, *config.pick_seeds), config.targets):
         task, target_dir, query_dir = task_of(target), out / "targets" / target, out / "queries" / target
         metric = task.metrics[0]
         zero: dict[str, float] = {}
         if from_library:
-            zero = zero_step_scores(backbone, task, sources, config.test_examples,
-                                    out / "zero_step.jsonl")
-            queries = target_queries(backbone, task, library, query_dir)
-            write_similarities(out, {name: src.keys for name, src in sources.items()}, config,
-                               task_of)
-            sims = {s: library_similarities(src, queries) for s, src in sources.items()}
+            if target not in scored:
+                scored[target] = score_target(backbone, task, library, sources, config, out)
+                write_similarities(out, {name: src.keys for name, src in sources.items()},
+                                   config, task_of)
+            zero, sims = scored[target]
             ranked = sorted(sources, key=lambda s: -sims[s][by])
-        for seed in (*config.seeds, *config.pick_seeds):
-            chosen = list(sources)
-            if from_library and seed not in config.seeds:
-                chosen = ranked[:config.k]
-            todo = [s for s in chosen if (s, target, seed) not in done]
-            needs_weighted = from_library and not weighted_is_current(
-                weighted.get((target, seed)), by, ranked[:config.k])
-            if not (todo or needs_weighted):
-                continue
-            console.print(f"[bold]target[/bold] {target} seed {seed}: {len(todo)} cells")
-            baseline = baseline_run(backbone, task, config, target_dir, seed)
-            base_score = held_out_score(backbone, task, baseline, config.test_examples)
-            if not from_library:  # the baseline's in-run key is the query
-                if seed == config.seeds[0]:
-                    query_dir.mkdir(parents=True, exist_ok=True)
-                    save_prompt(query_dir / "in-run.safetensors", baseline.key,
-                                {"task": target, "role": "key"})
-                sims = {s: in_run_similarities(src.keys["in-run"][0], baseline.key)
-                        for s, src in sources.items()}
-                ranked = sorted(sources, key=lambda s: -sims[s][by])
-            found = {s: Retrieved(s, "", "", sims[s][by], sources[s].value) for s in sources}
-            transfer_config = dataclasses.replace(config.target, task=target, seed=seed)
-            seed_dir = target_dir / f"seed{seed}"
-            for s in todo:  # one cell at a time, each written as it lands
-                report = run_transfer(backbone, task, transfer_config, seed_dir,
-                                      retrieved=[found[s]], baseline=False,
-                                      test_examples=config.test_examples)
-                done[s, target, seed] = row(s, target, seed, metric, transfer_config.steps,
-                                            base_score, report.score, sims[s], zero.get(s))
-                write_results(out, config, done, weighted)
-            if needs_weighted:
-                weighted[target, seed] = weighted_run(
-                    backbone, task, transfer_config, seed_dir, [found[s] for s in ranked[:config.k]],
-                    base_score, by, config.test_examples)
+        chosen = list(sources)
+        if from_library and seed not in config.seeds:
+            chosen = ranked[:config.k]
+        todo = [s for s in chosen if (s, target, seed) not in done]
+        needs_weighted = from_library and not weighted_is_current(
+            weighted.get((target, seed)), by, ranked[:config.k])
+        if not (todo or needs_weighted):
+            continue
+        console.print(f"[bold]target[/bold] {target} seed {seed}: {len(todo)} cells")
+        baseline = baseline_run(backbone, task, config, target_dir, seed)
+        base_score = held_out_score(backbone, task, baseline, config.test_examples)
+        if not from_library:  # the baseline's in-run key is the query
+            if seed == config.seeds[0]:
+                query_dir.mkdir(parents=True, exist_ok=True)
+                save_prompt(query_dir / "in-run.safetensors", baseline.key,
+                            {"task": target, "role": "key"})
+            sims = {s: in_run_similarities(src.keys["in-run"][0], baseline.key)
+                    for s, src in sources.items()}
+            ranked = sorted(sources, key=lambda s: -sims[s][by])
+        found = {s: Retrieved(s, "", "", sims[s][by], sources[s].value) for s in sources}
+        transfer_config = dataclasses.replace(config.target, task=target, seed=seed)
+        seed_dir = target_dir / f"seed{seed}"
+        for s in todo:  # one cell at a time, each written as it lands
+            report = run_transfer(backbone, task, transfer_config, seed_dir,
+                                  retrieved=[found[s]], baseline=False,
+                                  test_examples=config.test_examples)
+            done[s, target, seed] = row(s, target, seed, metric, transfer_config.steps,
+                                        base_score, report.score, sims[s], zero.get(s))
             write_results(out, config, done, weighted)
+        if needs_weighted:
+            weighted[target, seed] = weighted_run(
+                backbone, task, transfer_config, seed_dir, [found[s] for s in ranked[:config.k]],
+                base_score, by, config.test_examples)
+        write_results(out, config, done, weighted)
     write_results(out, config, done, weighted)
     write_similarities(out, {name: src.keys for name, src in sources.items()}, config, task_of)
     return out

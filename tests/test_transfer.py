@@ -227,3 +227,30 @@ def test_library_study_given_more_sources_keeps_cells_and_redoes_stale_picks(tin
     assert rows[0] == first  # the finished cell is kept, not run again
     assert sorted(again["sources"]) == sorted([names[0], names[2]])  # new picks: a new run
     assert len(list((out / "targets" / names[1] / "seed0").glob("weighted-*"))) == 2
+
+
+def test_library_study_runs_every_target_at_a_seed_before_the_next_seed(
+    tiny_llama, tmp_path, monkeypatch,
+):
+    import spot.study
+    from spot.study import StudyConfig, run_study
+
+    names = register_tiny_tasks()
+    base = TrainConfig(task=names[0], steps=4, prompt_length=4, eval_every=4, eval_examples=16,
+                       max_length=32)
+    library = Library(tmp_path / "library")
+    publish_tiny_sources(tiny_llama, library, (names[0],), base, tmp_path / "sources",
+                         recipes=("gradient",))
+    calls = []
+
+    def recorded(backbone, task, config, *args, **kwargs):
+        calls.append((config.seed, task.name))
+        return run_transfer(backbone, task, config, *args, **kwargs)
+
+    monkeypatch.setattr(spot.study, "run_transfer", recorded)
+    config = StudyConfig(sources=(names[0],), targets=(names[1], names[2]), source=None,
+                         target=base, seeds=(0,), test_examples=16, library=str(library.root),
+                         pick_seeds=(1,), k=1)
+    run_study(tiny_llama, config, tmp_path / "study")
+    # per (seed, target): the cell, then the weighted top-1 run
+    assert calls == [(seed, t) for seed in (0, 1) for t in (names[1], names[2]) for _ in (0, 1)]
