@@ -50,9 +50,9 @@ from spot import backbones  # noqa: E402
 from spot.backbones.base import PACK_CHUNK  # noqa: E402
 from spot.backbones.llama_fast import FAST  # noqa: E402
 from spot.batching import encode, eval_batches, make_batch, train_rows  # noqa: E402
-from spot.evaluation import subset  # noqa: E402
 from spot.prompts import initial_prompt  # noqa: E402
 from spot.tasks import get_task  # noqa: E402
+from spot.tasks.splits import subset  # noqa: E402
 
 BATCH, MAX_LENGTH, PROMPT_LENGTH = 8, 128, 20
 

@@ -54,10 +54,10 @@ from _common import gemm_peak, llama_forward_flops  # noqa: E402
 
 from library import Library  # noqa: E402
 from spot import backbones  # noqa: E402
-from spot.evaluation import subset  # noqa: E402
 from spot.predict import Predictor, Request, ensemble_report  # noqa: E402
 from spot.prompts import sampled_vocab  # noqa: E402
 from spot.tasks import get_task  # noqa: E402
+from spot.tasks.splits import subset  # noqa: E402
 
 TASKS = ("sst2", "sst5", "mr", "subj", "mpqa", "trec", "agnews", "cola")
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from spot.backbones.base import Backbone
 from spot.batching import Encoded, encode, eval_batches
 from spot.progress import progress_bar
+from spot.tasks.splits import subset
 
 
 def score_encoded(
@@ -36,14 +35,6 @@ def reusable_prompt(backbone: Backbone, prompt):
     if backbone.prefix_fn is None or np.ndim(prompt) != 2 or not np.shape(prompt)[0]:
         return prompt
     return backbone.prefix_states(prompt)
-
-
-def subset(examples: Sequence, limit: int | None, seed: int = 0) -> list:
-    """A deterministic sample of at most `limit` examples (all when limit is falsy)."""
-    if not limit or limit >= len(examples):
-        return list(examples)
-    rows = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
-    return [examples[i] for i in rows]
 
 
 def evaluate(

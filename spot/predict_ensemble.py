@@ -83,7 +83,7 @@ def ensemble_report(
     One pass: the ensemble's rows hold every (example, prompt) pair, and the single-prompt
     scores are read off the same log-likelihoods.
     """
-    from spot.evaluation import subset
+    from spot.tasks.splits import subset
 
     examples = subset(task.load(split), limit, seed)
     scores = predictor.ensemble_scores(examples, prompts)  # [n, N, c]

@@ -31,9 +31,10 @@ from library.atomic import atomic_write
 from spot.backbones import recommended_overrides
 from spot.backbones.base import Backbone
 from spot.batching import encode, make_batch, train_rows
-from spot.evaluation import evaluate, subset
+from spot.evaluation import evaluate
 from spot.progress import progress_bar
 from spot.prompts import initial_prompt, load_for_backbone, save_for_backbone
+from spot.tasks.splits import subset
 
 
 class TrainingError(RuntimeError):

@@ -67,3 +67,26 @@ def test_default_library_matches_the_default_backbone(shipped: Library) -> None:
 
     model = backbones.load()
     assert shipped.count(backbone=model.identity) == shipped.count()
+
+
+def test_every_shipped_value_beats_zero_shot_and_the_best_constant_answer(shipped: Library) -> None:
+    """The shipping bar of studies/default_library/ship.py, on the recorded test scores."""
+    import json
+    import sys
+
+    from spot.tasks import MissingDataError
+
+    study = DEFAULT.parents[1] / "studies" / "default_library"
+    sys.path.insert(0, str(study))
+    try:
+        from common import constant_score
+    finally:
+        sys.path.remove(str(study))
+    rows = {r["task"]: r for r in map(json.loads, (study / "sources.jsonl").read_text().splitlines())}
+    for value in shipped.list(role="value", limit=1000):
+        row = rows[value.task]
+        try:
+            constant = constant_score(value.task)
+        except MissingDataError as error:
+            pytest.skip(str(error))
+        assert row["value_test"] > max(row["zero_shot_test"], constant), value.task

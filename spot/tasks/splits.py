@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+import numpy as np
+
 from spot.tasks.core import SPLITS, TaskError
 
 T = TypeVar("T")
@@ -57,3 +59,11 @@ def split_single(
     """One pool -> test carved first (test_fraction, capped), then validation from the rest."""
     rest, test = carve(items, f"{name}/test", test_fraction)
     return complete_splits(name, {"train": rest, "test": test})
+
+
+def subset(examples: Sequence, limit: int | None, seed: int = 0) -> list:
+    """A deterministic sample of at most `limit` examples (all when limit is falsy)."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    rows = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
+    return [examples[i] for i in rows]

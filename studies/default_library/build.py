@@ -15,7 +15,7 @@ import json
 import time
 
 import numpy as np
-from common import HERE, RECIPES, SOURCES, commit, console, done_rows, publish_source
+from common import HERE, RECIPES, SOURCES, TEST_ROWS, commit, console, done_rows, publish_source
 
 from library import Library, save_prompt
 from spot import backbones
@@ -24,8 +24,6 @@ from spot.publish import ensure_protocol
 from spot.task_embedding import embed_task, key_metadata
 from spot.tasks import get_task
 from spot.train import TrainConfig, train
-
-TEST_ROWS = 1000  # test split cap (the whole split where smaller)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """What the default library's scripts share, without JAX: paths, the source list, the finished
-sources' rows, committing finished files, and publishing a finished source from runs/."""
+sources' rows, the best constant answer's score, committing finished files, and publishing a
+finished source from runs/."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from library import Library
+from spot.tasks import get_task
+from spot.tasks.splits import subset
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -22,6 +26,7 @@ SOURCES = (
     "bigbench_logical_fallacy_detection", "bigbench_intent_recognition",
 )
 RECIPES = ("gradient", "trained")
+TEST_ROWS = 1000  # the test rows a source is scored on (the whole split where smaller)
 console = Console()
 
 
@@ -29,6 +34,15 @@ def done_rows(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
     return {row["task"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def constant_score(name: str) -> float:
+    """The best test score of always giving the same answer, on the rows a source is scored on:
+    the bar a value must clear, with zero-shot, to show it learned more than the label prior."""
+    task = get_task(name)
+    labels = np.array([e.label for e in subset(task.load("test"), TEST_ROWS)])
+    return max(task.evaluate(np.full(len(labels), answer), labels)[task.metrics[0]]
+               for answer in range(task.num_choices))
 
 
 def commit(paths: list[Path], message: str) -> None:

@@ -1,8 +1,8 @@
 """Ship the finished sources as `spot/default_library`: a new library holding the build's key
 protocols and, for every source in sources.jsonl, its value and a key per recipe, rebuilt from
 the committed files in runs/ (no model is loaded); write its README and the sources table of
-this study's README. A source whose value does not beat zero-shot on its test split is left
-out (and named).
+this study's README. A source whose value does not beat both zero-shot and the best constant
+answer on its test split is left out (and named).
 
     python studies/default_library/ship.py
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 
-from common import HERE, REPO, SOURCES, console, done_rows, publish_source
+from common import HERE, REPO, SOURCES, console, constant_score, done_rows, publish_source
 
 from library import Library
 
@@ -27,21 +27,28 @@ entry's metadata records the command that rebuilds it (`rebuild`) and where its 
 (`data`: `../shared/data` files beside this repository, or the `bigbench` sdist on PyPI). Using
 the library needs neither: retrieval reads only these prompt files.
 
-Scores are on each task's test split (up to 1,000 rows); validation on up to 400 rows.
+Scores are on each task's test split (up to 1,000 rows); validation on up to 400 rows. "Best
+constant" is the score of always giving the same answer (the best one): a value that does not
+beat it and zero-shot learned no more than the label prior, and is not shipped.
 
 {table}
 """
 
 
 def sources_table(rows: list[dict]) -> str:
-    """Markdown table of finished sources (sources.jsonl rows)."""
-    lines = ["| source | metric | zero-shot test | value test | test rows | value step "
-             "(validation) | steps run | train time |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['metric']} | {r['zero_shot_test']:.2f} | {r['value_test']:.2f} "
-              f"| {r['test_rows']} | {r['value_step']} ({r['value_validation']:.2f}, "
-              f"{r['validation_rows']} rows) | {r['steps_run']} | {r['train_seconds'] / 60:.0f} min |"
-              for r in rows]
+    """Markdown table of finished sources (sources.jsonl rows, with their `constant_test`)."""
+    lines = ["| source | metric | zero-shot test | best constant | value test | test rows | value "
+             "step (validation) | steps run | train time |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['metric']} | {r['zero_shot_test']:.2f} | {r['constant_test']:.2f} "
+              f"| {r['value_test']:.2f} | {r['test_rows']} | {r['value_step']} "
+              f"({r['value_validation']:.2f}, {r['validation_rows']} rows) | {r['steps_run']} | "
+              f"{r['train_seconds'] / 60:.0f} min |" for r in rows]
     return "\n".join(lines)
+
+
+def shipped(row: dict) -> bool:
+    """A value ships when it beats zero-shot and the best constant answer on its test rows."""
+    return row["value_test"] > max(row["zero_shot_test"], row["constant_test"])
 
 
 def main() -> None:
@@ -50,12 +57,14 @@ def main() -> None:
     library = Library(DEST)
     for protocol, default in published.protocols():
         library.register_protocol(protocol, published.protocol_start(protocol), default=default)
-    rows = list(done_rows(HERE / "sources.jsonl").values())
-    names = [r["task"] for r in rows if r["value_test"] > r["zero_shot_test"]]
-    for r in rows:  # a value that does not beat zero-shot on its own task is not shipped
+    rows = [{**r, "constant_test": constant_score(r["task"])}
+            for r in done_rows(HERE / "sources.jsonl").values()]
+    names = [r["task"] for r in rows if shipped(r)]
+    for r in rows:
         if r["task"] not in names:
-            console.print(f"[yellow]not shipped: {r['task']} (value {r['value_test']:.2f} <= "
-                          f"zero-shot {r['zero_shot_test']:.2f})[/yellow]")
+            console.print(f"[yellow]not shipped: {r['task']} (value {r['value_test']:.2f}, "
+                          f"zero-shot {r['zero_shot_test']:.2f}, best constant "
+                          f"{r['constant_test']:.2f})[/yellow]")
     for name in names:
         publish_source(library, name)
     report = library.verify(repair=True)
