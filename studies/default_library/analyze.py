@@ -12,8 +12,8 @@ import json
 import re
 import statistics
 
-from common import HERE, SOURCES
-from grid import GRID
+from common import HERE, SOURCES, passes, scored_rows
+from grid import GRID, TARGETS
 
 from spot.analysis_io import Study, load_study
 from spot.figures import write_figures
@@ -42,15 +42,33 @@ def long_baselines_markdown(study: Study) -> str:
     return "\n".join(lines)
 
 
+def grid_status(study: Study) -> list[str]:
+    """What the grid still lacks (a bold line), or nothing when it is complete."""
+    rows = scored_rows()
+    passing = [r["task"] for r in rows if passes(r)]
+    lacking = []
+    if len(rows) < len(SOURCES):
+        lacking.append(f"{len(SOURCES) - len(rows)} of the {len(SOURCES)} candidate sources are "
+                       "not built yet")
+    if missing := [s for s in passing if s not in study.sources]:
+        lacking.append(f"sources that pass the bar are not in it yet ({', '.join(missing)})")
+    if missing := [t for t in TARGETS if t not in study.targets]:
+        lacking.append(f"targets have no cells yet ({', '.join(missing)})")
+    config = json.loads((GRID / "study.json").read_text())
+    wanted = {*config["seeds"], *config["pick_seeds"]}
+    seeds = {t: {r.seed for r in study.rows if r.target == t} for t in study.targets}
+    if few := [t for t, s in seeds.items() if s != wanted]:
+        lacking.append(f"targets lack their pick seeds ({', '.join(few)})")
+    if not lacking:
+        return []
+    return [f"**A partial grid over {len(study.sources)} sources ({', '.join(study.sources)}): "
+            + "; ".join(lacking) + ". Its numbers are not the study's result.**"]
+
+
 def main() -> None:
     study = load_study(GRID)
     figures = write_figures(GRID, HERE / "figures")
-    status = []
-    if len(study.sources) < len(SOURCES):
-        status = [f"**A partial grid: {len(study.sources)} of the {len(SOURCES)} sources "
-                  f"({', '.join(study.sources)}), run while the others were being built. Its "
-                  "numbers show the pipeline works on real data; they are not the study's "
-                  "result.**"]
+    status = grid_status(study)
     block = "\n\n".join([
         "<!-- grid -->", *status, retrieval_quality_markdown(study),
         "### The grid's budget against a long baseline", long_baselines_markdown(study),

@@ -1,5 +1,5 @@
 """What the default library's scripts share, without JAX: paths, the source list, the finished
-sources' rows, the best constant answer's score, committing finished files, and publishing a
+sources' rows with the best constant answer's score and the bar they must pass, committing finished files, and publishing a
 finished source from runs/."""
 
 from __future__ import annotations
@@ -43,6 +43,18 @@ def constant_score(name: str) -> float:
     labels = np.array([e.label for e in subset(task.load("test"), TEST_ROWS)])
     return max(task.evaluate(np.full(len(labels), answer), labels)[task.metrics[0]]
                for answer in range(task.num_choices))
+
+
+def scored_rows() -> list[dict]:
+    """The finished sources' rows (sources.jsonl), each with its `constant_test`."""
+    rows = done_rows(HERE / "sources.jsonl").values()
+    return [{**r, "constant_test": constant_score(r["task"])} for r in rows]
+
+
+def passes(row: dict) -> bool:
+    """A value counts as a source (is shipped, and is in the grid) when it beats zero-shot and
+    the best constant answer on its test rows."""
+    return row["value_test"] > max(row["zero_shot_test"], row["constant_test"])
 
 
 def commit(paths: list[Path], message: str) -> None:

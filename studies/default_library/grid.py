@@ -1,5 +1,6 @@
 """The default library's transfer grid: build.py for any source not built yet, then `spot study
---library` over the 17 sources and the 8 targets, then each target's baseline trained long (how
+--library` over the built sources that pass the bar (they beat zero-shot and the best constant
+answer: those ship) and the 8 targets, then each target's baseline trained long (how
 far the grid's budget is from it). Commits the study's result files as they land, so an
 interrupted run loses at most the cells in flight.
 
@@ -18,20 +19,23 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, REPO, SOURCES, commit, console
+from common import HERE, REPO, SOURCES, commit, console, passes, scored_rows
 
 TARGETS = ("rte", "cb", "copa", "wsc", "cola", "boolq", "mpqa", "bigbench_implicatures")
 GRID = HERE / "grid"
 TEXT_INIT = "text:Read the text and choose the correct answer."
-STUDY = [
-    sys.executable, "-m", "spot", "study", "--library", str(HERE / "published"),
-    "--sources", ",".join(SOURCES), "--targets", ",".join(TARGETS), "--out", str(GRID),
-    "--target-config", str(HERE / "target.json"), "--seeds", "0", "--pick-seeds", "1,2",
-    "--k", "3", "--baseline-inits", f"class_labels|{TEXT_INIT}", "--test-examples", "300",
-]
 LONG_STEPS = 300  # the baseline "converged": the source setting (patience 3), capped here
 RESULTS = ("results.jsonl", "weighted.jsonl", "zero_step.jsonl", "similarity.jsonl",
            "tasks.json", "study.json")
+
+
+def study_command(sources: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "spot", "study", "--library", str(HERE / "published"),
+        "--sources", ",".join(sources), "--targets", ",".join(TARGETS), "--out", str(GRID),
+        "--target-config", str(HERE / "target.json"), "--seeds", "0", "--pick-seeds", "1,2",
+        "--k", "3", "--baseline-inits", f"class_labels|{TEXT_INIT}", "--test-examples", "300",
+    ]
 
 
 def result_files() -> list[Path]:
@@ -41,8 +45,12 @@ def result_files() -> list[Path]:
 
 
 def run_grid(no_commit: bool) -> None:
-    """Run the study in a child process; commit its result files whenever they change."""
-    child = subprocess.Popen(STUDY, cwd=REPO)
+    """Run the study over the built sources that pass the bar (`common.passes`) in a child
+    process; commit its result files whenever they change."""
+    passing = {r["task"] for r in scored_rows() if passes(r)}
+    sources = [name for name in SOURCES if name in passing]
+    console.print(f"grid sources ({len(sources)}): {', '.join(sources)}")
+    child = subprocess.Popen(study_command(sources), cwd=REPO)
     seen: dict[Path, float] = {}
     while True:
         finished = child.poll() is not None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 
-from common import HERE, REPO, SOURCES, console, constant_score, done_rows, publish_source
+from common import HERE, REPO, SOURCES, console, passes, publish_source, scored_rows
 
 from library import Library
 
@@ -46,20 +46,14 @@ def sources_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def shipped(row: dict) -> bool:
-    """A value ships when it beats zero-shot and the best constant answer on its test rows."""
-    return row["value_test"] > max(row["zero_shot_test"], row["constant_test"])
-
-
 def main() -> None:
     published = Library(HERE / "published", read_only=True)
     shutil.rmtree(DEST)
     library = Library(DEST)
     for protocol, default in published.protocols():
         library.register_protocol(protocol, published.protocol_start(protocol), default=default)
-    rows = [{**r, "constant_test": constant_score(r["task"])}
-            for r in done_rows(HERE / "sources.jsonl").values()]
-    names = [r["task"] for r in rows if shipped(r)]
+    rows = scored_rows()
+    names = [r["task"] for r in rows if passes(r)]
     for r in rows:
         if r["task"] not in names:
             console.print(f"[yellow]not shipped: {r['task']} (value {r['value_test']:.2f}, "
