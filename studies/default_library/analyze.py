@@ -51,7 +51,7 @@ def grid_status(study: Study) -> list[str]:
         lacking.append(f"{len(SOURCES) - len(rows)} of the {len(SOURCES)} candidate sources are "
                        "not built yet")
     if missing := [s for s in passing if s not in study.sources]:
-        lacking.append(f"sources that pass the bar are not in it yet ({', '.join(missing)})")
+        lacking.append(f"sources that beat zero-shot are not in it yet ({', '.join(missing)})")
     if missing := [t for t in TARGETS if t not in study.targets]:
         lacking.append(f"targets have no cells yet ({', '.join(missing)})")
     config = json.loads((GRID / "study.json").read_text())

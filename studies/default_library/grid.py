@@ -1,8 +1,7 @@
 """The default library's transfer grid: build.py for any source not built yet, then `spot study
---library` over the built sources that pass the bar (they beat zero-shot and the best constant
-answer: those ship) and the 8 targets, then each target's baseline trained long (how
-far the grid's budget is from it). Commits the study's result files as they land, so an
-interrupted run loses at most the cells in flight.
+--library` over the built sources that beat zero-shot (those ship) and the 8 targets, then each
+target's baseline trained long (how far the grid's budget is from it). Commits the study's
+result files as they land, so an interrupted run loses at most the cells in flight.
 
     python studies/default_library/grid.py [--no-commit] [--skip-long]
 
@@ -45,7 +44,7 @@ def result_files() -> list[Path]:
 
 
 def run_grid(no_commit: bool) -> None:
-    """Run the study over the built sources that pass the bar (`common.passes`) in a child
+    """Run the study over the built sources that beat zero-shot (`common.passes`) in a child
     process; commit its result files whenever they change."""
     passing = {r["task"] for r in scored_rows() if passes(r)}
     sources = [name for name in SOURCES if name in passing]

@@ -1,8 +1,8 @@
 """Ship the finished sources as `spot/default_library`: a new library holding the build's key
 protocols and, for every source in sources.jsonl, its value and a key per recipe, rebuilt from
 the committed files in runs/ (no model is loaded); write its README and the sources table of
-this study's README. A source whose value does not beat both zero-shot and the best constant
-answer on its test split is left out (and named).
+this study's README. A source whose value does not beat zero-shot on its test split is left
+out (and named); one that does not beat the best constant answer is flagged.
 
     python studies/default_library/ship.py
 """
@@ -12,7 +12,17 @@ from __future__ import annotations
 import re
 import shutil
 
-from common import HERE, REPO, SOURCES, console, passes, publish_source, scored_rows
+from common import (
+    HERE,
+    REPO,
+    SOURCES,
+    beyond_prior,
+    console,
+    passes,
+    publish_source,
+    scored_rows,
+    test_scores,
+)
 
 from library import Library
 
@@ -27,21 +37,25 @@ entry's metadata records the command that rebuilds it (`rebuild`) and where its 
 (`data`: `../shared/data` files beside this repository, or the `bigbench` sdist on PyPI). Using
 the library needs neither: retrieval reads only these prompt files.
 
-Scores are on each task's test split (up to 1,000 rows); validation on up to 400 rows. "Best
-constant" is the score of always giving the same answer (the best one): a value that does not
-beat it and zero-shot learned no more than the label prior, and is not shipped.
+Scores are on each task's test split (up to 1,000 rows; also in each entry's `test`
+metadata); validation on up to 400 rows. "Best constant" is the score of always giving the same
+answer (the best one). Every value beats zero-shot; one that does not beat the best constant
+answer ("beyond the prior: no") learned no more than the label prior on its task: its key still
+describes the task, but its value carries little of it.
 
 {table}
 """
 
 
 def sources_table(rows: list[dict]) -> str:
-    """Markdown table of finished sources (sources.jsonl rows, with their `constant_test`)."""
-    lines = ["| source | metric | zero-shot test | best constant | value test | test rows | value "
-             "step (validation) | steps run | train time |", "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table of finished sources (`scored_rows`)."""
+    lines = ["| source | metric | zero-shot test | best constant | value test | beyond the prior "
+             "| test rows | value step (validation) | steps run | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['metric']} | {r['zero_shot_test']:.2f} | {r['constant_test']:.2f} "
-              f"| {r['value_test']:.2f} | {r['test_rows']} | {r['value_step']} "
-              f"({r['value_validation']:.2f}, {r['validation_rows']} rows) | {r['steps_run']} | "
+              f"| {r['value_test']:.2f} | {'yes' if beyond_prior(r) else '**no**'} | "
+              f"{r['test_rows']} | {r['value_step']} ({r['value_validation']:.2f}, "
+              f"{r['validation_rows']} rows) | {r['steps_run']} | "
               f"{r['train_seconds'] / 60:.0f} min |" for r in rows]
     return "\n".join(lines)
 
@@ -53,21 +67,19 @@ def main() -> None:
     for protocol, default in published.protocols():
         library.register_protocol(protocol, published.protocol_start(protocol), default=default)
     rows = scored_rows()
-    names = [r["task"] for r in rows if passes(r)]
+    shipped = [r for r in rows if passes(r)]
     for r in rows:
-        if r["task"] not in names:
-            console.print(f"[yellow]not shipped: {r['task']} (value {r['value_test']:.2f}, "
-                          f"zero-shot {r['zero_shot_test']:.2f}, best constant "
-                          f"{r['constant_test']:.2f})[/yellow]")
-    for name in names:
-        publish_source(library, name)
+        if not passes(r):
+            console.print(f"[yellow]not shipped: {r['task']} ({test_scores(r)})[/yellow]")
+    for r in shipped:
+        publish_source(library, r["task"], r)
     report = library.verify(repair=True)
     if not report.ok:
         raise SystemExit(f"the shipped library does not verify: {report.to_dict()}")
     for name in ("lock", "lock.gate"):
         (DEST / name).unlink(missing_ok=True)
     (DEST / "README.md").write_text(LIBRARY_README.format(
-        n=len(names), table=sources_table([r for r in rows if r["task"] in names])))
+        n=len(shipped), table=sources_table(shipped)))
     study = HERE / "README.md"
     text = study.read_text()
     block = (f"<!-- sources -->\nFinished: {len(rows)} of {len(SOURCES)}. Train times are wall "
@@ -76,7 +88,8 @@ def main() -> None:
              + sources_table(rows))
     study.write_text(re.sub(r"<!-- sources -->.*?(?=<!-- /sources -->)", lambda _: block + "\n",
                             text, flags=re.S))
-    console.print(f"shipped {len(names)} sources to {DEST}: {', '.join(names)}")
+    console.print(f"shipped {len(shipped)} sources to {DEST}: "
+                  f"{', '.join(r['task'] for r in shipped)}")
 
 
 if __name__ == "__main__":
