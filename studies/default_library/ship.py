@@ -54,8 +54,8 @@ def sources_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['metric']} | {r['zero_shot_test']:.2f} | "
               f"{r['constant_test']:.2f} | {r['value_test']:.2f} | "
-              f"{'yes' if beyond_prior(r) else '**no**'} | {r['test_rows']} | {r['value_step']} ({r['value_validation']:.2f}, "
-              f"{r['validation_rows']} rows) | {r['steps_run']} | "
+              f"{'yes' if beyond_prior(r) else '**no**'} | {r['test_rows']} | {r['value_step']} "
+              f"({r['value_validation']:.2f}, {r['validation_rows']} rows) | {r['steps_run']} | "
               f"{r['train_seconds'] / 60:.0f} min |" for r in rows]
     return "\n".join(lines)
 
