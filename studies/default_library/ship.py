@@ -49,12 +49,13 @@ describes the task, but its value carries little of it.
 
 def sources_table(rows: list[dict]) -> str:
     """Markdown table of finished sources (`scored_rows`)."""
-    lines = ["| source | metric | zero-shot test | best constant | value test | beyond the prior "
-             "| test rows | value step (validation) | steps run | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| source | metric | zero-shot test | best constant | value test | beats zero-shot "
+             "(ships) | beyond the prior | test rows | value step (validation) | steps run | "
+             "train time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['metric']} | {r['zero_shot_test']:.2f} | "
               f"{r['constant_test']:.2f} | {r['value_test']:.2f} | "
-              f"{'yes' if beyond_prior(r) else '**no**'} | {r['test_rows']} | {r['value_step']} "
+              f"{'yes' if passes(r) else '**no**'} | {'yes' if beyond_prior(r) else '**no**'} | "
+              f"{r['test_rows']} | {r['value_step']} "
               f"({r['value_validation']:.2f}, {r['validation_rows']} rows) | {r['steps_run']} | "
               f"{r['train_seconds'] / 60:.0f} min |" for r in rows]
     return "\n".join(lines)
