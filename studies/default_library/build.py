@@ -41,6 +41,7 @@ def main() -> None:
         task = get_task(name)
         config = TrainConfig(**{**base, "task": name})
         out = HERE / "runs" / name
+        resumed = (out / "state.safetensors").is_file()  # then only this part is timed
         started = time.perf_counter()
         run = train(model, task, config, out)
         train_s = time.perf_counter() - started
@@ -60,7 +61,7 @@ def main() -> None:
                "steps_run": run.history[-1]["step"], "validation_rows": min(
                    config.eval_examples or 10**9, len(task.load("validation"))),
                "test_rows": min(TEST_ROWS, len(task.load("test"))), "train_seconds": train_s,
-               "keys": ids}
+               "resumed": resumed, "keys": ids}
         with rows_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         console.print(row)

@@ -47,6 +47,11 @@ describes the task, but its value carries little of it.
 """
 
 
+def train_time(row: dict) -> str:
+    minutes = f"{row['train_seconds'] / 60:.0f} min"
+    return f"{minutes} after a resume (before it: untimed)" if row.get("resumed") else minutes
+
+
 def sources_table(rows: list[dict]) -> str:
     """Markdown table of finished sources (`scored_rows`)."""
     lines = ["| source | metric | zero-shot test | best constant | value test | beats zero-shot "
@@ -57,7 +62,7 @@ def sources_table(rows: list[dict]) -> str:
               f"{'yes' if passes(r) else '**no**'} | {'yes' if beyond_prior(r) else '**no**'} | "
               f"{r['test_rows']} | {r['value_step']} "
               f"({r['value_validation']:.2f}, {r['validation_rows']} rows) | {r['steps_run']} | "
-              f"{r['train_seconds'] / 60:.0f} min |" for r in rows]
+              f"{train_time(r)} |" for r in rows]
     return "\n".join(lines)
 
 
