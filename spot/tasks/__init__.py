@@ -16,11 +16,11 @@ Splits ("train", "validation", "test"), always in file order:
 - train + a dev or test file: that file is the test split, and validation is carved from
   train: min(1000, max(1, floor(0.1 * n_train))) rows. Applies to trec and agnews (their
   test files; agnews/train.tsv holds 10,000 articles), cola (in_domain_dev +
-  out_of_domain_dev, i.e. GLUE's dev), and rte, cb, boolq, copa, wsc (val.jsonl; the
-  FewGLUE tasks have 32 train rows, so validation is 3).
-- multirc: FewGLUE's 32 training passages train; validation is carved by passage from
-  val.jsonl (SuperGLUE's dev) by the same rule, and the rest of val.jsonl is test. Passages
-  are then expanded to one row per answer option (154 / 459 / 4,389 rows).
+  out_of_domain_dev, i.e. GLUE's dev), and rte and cb (val.jsonl, SuperGLUE's dev).
+- FewGLUE's boolq, copa, wsc, multirc (32 training rows; multirc: 32 passages): all of train
+  trains, validation is carved from val.jsonl (SuperGLUE's dev) by the same rule, and the
+  rest of val.jsonl is test. MultiRC is carved by passage, then expanded to one row per answer
+  option.
 - one file (mr, subj, mpqa): test is carved first by the same rule, then validation from
   the rest.
 - BIG-bench (spot.tasks.bigbench): test = 20% capped at 1000, then validation as above.

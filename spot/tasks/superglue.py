@@ -110,15 +110,18 @@ def read_jsonl(name: str, filename: str, convert: Callable[[Row], T]) -> list[T]
     return read_rows(data_file(name, filename), lambda line: convert(json.loads(line)))
 
 
+FEW_SHOT = ("boolq", "copa", "multirc", "wsc")  # FewGLUE's files: 32 training rows (passages)
+
+
 def jsonl_splits(name: str, convert: Callable[[Row], T]) -> dict[str, list[T]]:
-    """<name>/train.jsonl and <name>/val.jsonl: val is the test split, validation is carved."""
-    return complete_splits(
-        name,
-        {
-            "train": read_jsonl(name, "train.jsonl", convert),
-            "test": read_jsonl(name, "val.jsonl", convert),
-        },
-    )
+    """<name>/train.jsonl and <name>/val.jsonl (SuperGLUE's dev): val is the test split, and
+    validation is carved from train; for FewGLUE's tasks it is carved from val instead, so they
+    train on all 32 rows and choose on more than 3."""
+    train, dev = read_jsonl(name, "train.jsonl", convert), read_jsonl(name, "val.jsonl", convert)
+    if name in FEW_SHOT:
+        test, validation = carve(dev, f"{name}/validation")
+        return {"train": train, "validation": validation, "test": test}
+    return complete_splits(name, {"train": train, "test": dev})
 
 
 def _register(
@@ -134,15 +137,8 @@ def _register(
 
 
 def multirc() -> dict[str, list[Example]]:
-    """All of FewGLUE's 32 training passages train; validation is carved by passage from the
-    SuperGLUE dev file (val.jsonl) and the rest of it is test, so no question straddles two
-    splits and validation has hundreds of rows (FewGLUE's 32 passages would leave 3)."""
-    test, validation = carve(read_jsonl("multirc", "val.jsonl", multirc_row), "multirc/validation")
-    splits = {
-        "train": read_jsonl("multirc", "train.jsonl", multirc_row),
-        "validation": validation,
-        "test": test,
-    }
+    # Split by passage (JSONL row), so no question straddles two splits; then one row per option.
+    splits = jsonl_splits("multirc", multirc_row)
     return {split: [e for group in groups for e in group] for split, groups in splits.items()}
 
 
