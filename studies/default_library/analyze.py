@@ -12,7 +12,7 @@ import json
 import re
 import statistics
 
-from common import HERE, SOURCES, passes, scored_rows
+from common import HERE, SOURCES, done_rows, passing_sources
 from grid import GRID, TARGETS
 
 from spot.analysis_io import Study, load_study
@@ -44,18 +44,16 @@ def long_baselines_markdown(study: Study) -> str:
 
 def grid_status(study: Study) -> list[str]:
     """What the grid still lacks (a bold line), or nothing when it is complete."""
-    rows = scored_rows()
-    passing = [r["task"] for r in rows if passes(r)]
+    built = len(done_rows(HERE / "sources.jsonl"))
     lacking = []
-    if len(rows) < len(SOURCES):
-        lacking.append(f"{len(SOURCES) - len(rows)} of the {len(SOURCES)} candidate sources are "
+    if built < len(SOURCES):
+        lacking.append(f"{len(SOURCES) - built} of the {len(SOURCES)} candidate sources are "
                        "not built yet")
-    if missing := [s for s in passing if s not in study.sources]:
+    if missing := [s for s in passing_sources() if s not in study.sources]:
         lacking.append(f"sources that beat zero-shot are not in it yet ({', '.join(missing)})")
     if missing := [t for t in TARGETS if t not in study.targets]:
         lacking.append(f"targets have no cells yet ({', '.join(missing)})")
-    config = json.loads((GRID / "study.json").read_text())
-    wanted = {*config["seeds"], *config["pick_seeds"]}
+    wanted = {*study.config.get("seeds", ()), *study.config.get("pick_seeds", ())}
     seeds = {t: {r.seed for r in study.rows if r.target == t} for t in study.targets}
     if few := [t for t, s in seeds.items() if s != wanted]:
         lacking.append(f"targets lack their pick seeds ({', '.join(few)})")

@@ -59,6 +59,13 @@ def passes(row: dict) -> bool:
     return row["value_test"] > row["zero_shot_test"]
 
 
+def passing_sources() -> list[str]:
+    """The built sources that pass the bar, in SOURCES order: the shipped library, the grid's
+    sources."""
+    rows = done_rows(HERE / "sources.jsonl")
+    return [name for name in SOURCES if name in rows and passes(rows[name])]
+
+
 def beyond_prior(row: dict) -> bool:
     """Whether the value beats the best constant answer too, i.e. learned more than the label
     prior (shown beside every source; a source that does not is flagged, not dropped)."""

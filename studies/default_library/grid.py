@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, REPO, SOURCES, commit, console, passes, scored_rows
+from common import HERE, REPO, commit, console, passing_sources
 
 TARGETS = ("rte", "cb", "copa", "wsc", "cola", "boolq", "mpqa", "bigbench_implicatures")
 GRID = HERE / "grid"
@@ -46,8 +46,7 @@ def result_files() -> list[Path]:
 def run_grid(no_commit: bool) -> None:
     """Run the study over the built sources that beat zero-shot (`common.passes`) in a child
     process; commit its result files whenever they change."""
-    passing = {r["task"] for r in scored_rows() if passes(r)}
-    sources = [name for name in SOURCES if name in passing]
+    sources = passing_sources()
     console.print(f"grid sources ({len(sources)}): {', '.join(sources)}")
     child = subprocess.Popen(study_command(sources), cwd=REPO)
     seen: dict[Path, float] = {}
