@@ -76,12 +76,14 @@ def study(
     from spot.tasks import list_tasks
 
     args = TaskArgs(labels, template, label_field)
-    given = {name: _task(name, args) for name in {*sources.split(","), *targets.split(",")}}
+    # a library study's sources are the library's entries, by task name: their data is not read
+    tasks = {*targets.split(","), *(() if library else sources.split(","))}
+    given = {name: _task(name, args) for name in tasks}
     names = {name: task.name for name, task in given.items()}
     seed_list, pick_list = _seeds("--seeds", seeds), _seeds("--pick-seeds", pick_seeds)
     shared = dict(backbone=backbone, key_step=key_step, prompt_length=prompt_length,
                   batch_size=batch_size, eval_examples=eval_examples)
-    source_names = tuple(names[s] for s in sources.split(","))
+    source_names = tuple(names.get(s, s) for s in sources.split(","))
     target_names = tuple(names[t] for t in targets.split(","))
     if library is not None and (source_config or source_steps):
         raise ValueError("--library takes its sources from the library: no source config")

@@ -142,8 +142,18 @@ def test_query_takes_the_users_task_file(cli, tmp_path):
 
 
 def test_study_over_a_library_runs_the_grid_its_picks_and_weighted_init(cli, tmp_path):
+    """The sources come from the library: a source task whose data is gone still takes part."""
+    from spot.tasks import MissingDataError, Task, register_task
+
     invoke, names, config = cli
     library = publish_sources(invoke, (names[0], names[2]), config, tmp_path)
+    gone = get_task(names[2])
+
+    def missing() -> dict:
+        raise MissingDataError(f"{names[2]}: no data here")
+
+    register_task(Task(gone.name, gone.family, gone.num_choices, gone.metrics, missing),
+                  replace=True)
     out = tmp_path / "study"
     invoke("study", "--library", library, "--sources", f"{names[0]},{names[2]}", "--targets",
            names[1], "--out", out, "--target-config", config, "--pick-seeds", "1", "--k", "1",
