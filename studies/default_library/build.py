@@ -15,7 +15,17 @@ import json
 import time
 
 import numpy as np
-from common import HERE, RECIPES, SOURCES, TEST_ROWS, commit, console, done_rows, publish_source
+from common import (
+    HERE,
+    RECIPES,
+    SOURCES,
+    TEST_ROWS,
+    commit,
+    console,
+    constant_score,
+    done_rows,
+    publish_source,
+)
 
 from library import Library, save_prompt
 from spot import backbones
@@ -60,7 +70,8 @@ def main() -> None:
                "value_step": run.value_step, "value_validation": run.value_score,
                "steps_run": run.history[-1]["step"], "validation_rows": min(
                    config.eval_examples or 10**9, len(task.load("validation"))),
-               "test_rows": min(TEST_ROWS, len(task.load("test"))), "train_seconds": train_s,
+               "test_rows": min(TEST_ROWS, len(task.load("test"))),
+               "constant_test": constant_score(name), "train_seconds": train_s,
                "resumed": resumed, "keys": ids}
         with rows_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 
 from library import Library
-from spot.tasks import get_task
+from spot.tasks import MissingDataError, get_task
 from spot.tasks.splits import subset
 
 HERE = Path(__file__).resolve().parent
@@ -39,18 +39,25 @@ def done_rows(path: Path) -> dict[str, dict]:
     return {row["task"]: row for row in map(json.loads, path.read_text().splitlines())}
 
 
-def constant_score(name: str) -> float:
-    """The best test score of always giving the same answer, on the rows a source is scored on."""
+def constant_score(name: str) -> float | None:
+    """The best test score of always giving the same answer, on the rows a source is scored on
+    (None when the task's data is not on this machine)."""
     task = get_task(name)
-    labels = np.array([e.label for e in subset(task.load("test"), TEST_ROWS)])
+    try:
+        labels = np.array([e.label for e in subset(task.load("test"), TEST_ROWS)])
+    except MissingDataError as error:
+        console.print(f"[yellow]{name}: no best-constant score ({error})[/yellow]")
+        return None
     return max(task.evaluate(np.full(len(labels), answer), labels)[task.metrics[0]]
                for answer in range(task.num_choices))
 
 
 def scored_rows() -> list[dict]:
-    """The finished sources' rows (sources.jsonl), each with its `constant_test`."""
+    """The finished sources' rows (sources.jsonl), each with its `constant_test` (as recorded,
+    else measured now; None when neither is possible)."""
     rows = done_rows(HERE / "sources.jsonl").values()
-    return [{**r, "constant_test": constant_score(r["task"])} for r in rows]
+    return [{**r, "constant_test": r["constant_test"] if "constant_test" in r
+             else constant_score(r["task"])} for r in rows]
 
 
 def passes(row: dict) -> bool:
@@ -66,17 +73,21 @@ def passing_sources() -> list[str]:
     return [name for name in SOURCES if name in rows and passes(rows[name])]
 
 
-def beyond_prior(row: dict) -> bool:
+def beyond_prior(row: dict) -> bool | None:
     """Whether the value beats the best constant answer too, i.e. learned more than the label
-    prior (shown beside every source; a source that does not is flagged, not dropped)."""
+    prior (shown beside every source; a source that does not is flagged, not dropped); None
+    when the constant's score is unknown."""
+    if row["constant_test"] is None:
+        return None
     return row["value_test"] > row["constant_test"]
 
 
 def test_scores(row: dict) -> str:
     """A source's test scores as one line of entry metadata."""
+    constant = row["constant_test"]
     return (f"{row['metric']} on {row['test_rows']} test rows: value {row['value_test']:.2f}, "
             f"zero-shot {row['zero_shot_test']:.2f}, best constant answer "
-            f"{row['constant_test']:.2f}")
+            + ("not measured" if constant is None else f"{constant:.2f}"))
 
 
 def commit(paths: list[Path], message: str) -> None:
@@ -91,6 +102,22 @@ def commit(paths: list[Path], message: str) -> None:
             return
         time.sleep(10)
     console.print(f"[yellow]could not commit {rel}[/yellow]")
+
+
+def ensure_published() -> Library:
+    """published/, the library the grid reads: rebuilt from the committed runs/ files and the
+    shipped library's key protocols (the ones the build made the keys with) when it is missing,
+    e.g. on a fresh checkout; no model or task data is needed."""
+    path = HERE / "published"
+    if (path / "manifest.sqlite").is_file():
+        return Library(path)
+    shipped = Library(REPO / "spot" / "default_library", read_only=True)
+    library = Library(path)
+    for protocol, default in shipped.protocols():
+        library.register_protocol(protocol, shipped.protocol_start(protocol), default=default)
+    for name in passing_sources():
+        publish_source(library, name)
+    return library
 
 
 def publish_source(library: Library, name: str, row: dict | None = None) -> dict[str, str]:

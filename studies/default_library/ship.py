@@ -18,6 +18,7 @@ from common import (
     SOURCES,
     beyond_prior,
     console,
+    ensure_published,
     passes,
     publish_source,
     scored_rows,
@@ -41,7 +42,8 @@ Scores are on each task's test split (up to 1,000 rows; also in each entry's `te
 metadata); validation on up to 400 rows. "Best constant" is the score of always giving the same
 answer (the best one). Every value beats zero-shot; one that does not beat the best constant
 answer ("beyond the prior: no") learned no more than the label prior on its task: its key still
-describes the task, but its value carries little of it.
+describes the task, but its value carries little of it. "Not measured": the task's data was not
+on the machine that shipped the library (the bigbench 1.0.0 sdist is no longer served by PyPI).
 
 {table}
 """
@@ -52,14 +54,21 @@ def train_time(row: dict) -> str:
     return f"{minutes} after a resume (before it: untimed)" if row.get("resumed") else minutes
 
 
+PRIOR = {True: "yes", False: "**no**", None: "not measured"}
+
+
+def constant(row: dict) -> str:
+    return "not measured" if row["constant_test"] is None else f"{row['constant_test']:.2f}"
+
+
 def sources_table(rows: list[dict]) -> str:
     """Markdown table of finished sources (`scored_rows`)."""
     lines = ["| source | metric | zero-shot test | best constant | value test | beats zero-shot "
              "(ships) | beyond the prior | test rows | value step (validation) | steps run | "
              "train time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['metric']} | {r['zero_shot_test']:.2f} | "
-              f"{r['constant_test']:.2f} | {r['value_test']:.2f} | "
-              f"{'yes' if passes(r) else '**no**'} | {'yes' if beyond_prior(r) else '**no**'} | "
+              f"{constant(r)} | {r['value_test']:.2f} | "
+              f"{'yes' if passes(r) else '**no**'} | {PRIOR[beyond_prior(r)]} | "
               f"{r['test_rows']} | {r['value_step']} "
               f"({r['value_validation']:.2f}, {r['validation_rows']} rows) | {r['steps_run']} | "
               f"{train_time(r)} |" for r in rows]
@@ -67,7 +76,7 @@ def sources_table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    published = Library(HERE / "published", read_only=True)
+    published = ensure_published()
     shutil.rmtree(DEST)
     library = Library(DEST)
     for protocol, default in published.protocols():
