@@ -104,3 +104,23 @@ def test_best_constant_answer_is_the_majority_label_share_under_accuracy() -> No
         pytest.skip(str(error))
     majority = collections.Counter(e.label for e in rows).most_common(1)[0][1]
     assert constant_score("trec") == pytest.approx(100 * majority / len(rows))
+
+
+def test_best_constant_answer_is_none_without_the_tasks_data(monkeypatch, tmp_path) -> None:
+    """ship.py shows "not measured" for a source whose data is gone (a BIG-bench task without
+    the archive), rather than failing or inventing a score."""
+    import sys
+
+    monkeypatch.setenv("SPOT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPOT_BIGBENCH", str(tmp_path / "none.tar.gz"))
+    study = DEFAULT.parents[1] / "studies" / "default_library"
+    sys.path.insert(0, str(study))
+    try:
+        from common import beyond_prior, constant_score, test_scores
+    finally:
+        sys.path.remove(str(study))
+    assert constant_score("bigbench_navigate") is None
+    row = {"metric": "accuracy", "test_rows": 200, "value_test": 63.5, "zero_shot_test": 54.5,
+           "constant_test": None}
+    assert beyond_prior(row) is None
+    assert test_scores(row).endswith("best constant answer not measured")
