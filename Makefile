@@ -31,7 +31,7 @@ $(TOOLS): $(CORE)
 data: $(CORE)
 	$(PY) -m spot.tasks --fetch-bigbench > /dev/null || echo "warning: no BIG-bench archive (see above); BIG-bench tasks are unavailable"
 
-demo: data
+demo: $(CORE)
 	$(PY) -m spot.demo
 
 test: data $(TOOLS)
