@@ -30,7 +30,8 @@ StudyOption = Annotated[int | None, typer.Option(help="sets it in both configs")
 
 @_command()
 def study(
-    sources: Annotated[str, typer.Option(help="comma-separated source tasks (names or files)")],
+    sources: Annotated[str, typer.Option(help="comma-separated source tasks (names or files; "
+                                               "with --library: the library's task names)")],
     targets: Annotated[str, typer.Option(help="comma-separated target tasks (names or files)")],
     out: Annotated[Path, typer.Option(help="study folder (resumes)")] = Path("studies/run"),
     seeds: Annotated[str, typer.Option(help="comma-separated seeds of the target runs")] = "0",

@@ -141,9 +141,10 @@ def test_query_takes_the_users_task_file(cli, tmp_path):
     assert result.exit_code == 2 and "--labels" in result.output
 
 
-def test_study_over_a_library_runs_the_grid_its_picks_and_weighted_init(cli, tmp_path):
+def test_study_over_a_library_runs_the_grid_its_picks_and_weighted_init(cli, tmp_path,
+                                                                       monkeypatch):
     """The sources come from the library: a source task whose data is gone still takes part."""
-    from spot.tasks import MissingDataError, Task, register_task
+    from spot.tasks import MissingDataError, Task, registry
 
     invoke, names, config = cli
     library = publish_sources(invoke, (names[0], names[2]), config, tmp_path)
@@ -152,8 +153,8 @@ def test_study_over_a_library_runs_the_grid_its_picks_and_weighted_init(cli, tmp
     def missing() -> dict:
         raise MissingDataError(f"{names[2]}: no data here")
 
-    register_task(Task(gone.name, gone.family, gone.num_choices, gone.metrics, missing),
-                  replace=True)
+    monkeypatch.setitem(registry._TASKS, gone.name,  # restored after the test
+                        Task(gone.name, gone.family, gone.num_choices, gone.metrics, missing))
     out = tmp_path / "study"
     invoke("study", "--library", library, "--sources", f"{names[0]},{names[2]}", "--targets",
            names[1], "--out", out, "--target-config", config, "--pick-seeds", "1", "--k", "1",

@@ -104,6 +104,14 @@ def commit(paths: list[Path], message: str) -> None:
     console.print(f"[yellow]could not commit {rel}[/yellow]")
 
 
+def with_protocols_of(source: Library, path: Path) -> Library:
+    """A library at `path` holding `source`'s key protocols (their starts, the same default)."""
+    library = Library(path)
+    for protocol, default in source.protocols():
+        library.register_protocol(protocol, source.protocol_start(protocol), default=default)
+    return library
+
+
 def ensure_published() -> Library:
     """published/, the library the grid reads: rebuilt from the committed runs/ files and the
     shipped library's key protocols (the ones the build made the keys with) when it is missing,
@@ -111,10 +119,7 @@ def ensure_published() -> Library:
     path = HERE / "published"
     if (path / "manifest.sqlite").is_file():
         return Library(path)
-    shipped = Library(REPO / "spot" / "default_library", read_only=True)
-    library = Library(path)
-    for protocol, default in shipped.protocols():
-        library.register_protocol(protocol, shipped.protocol_start(protocol), default=default)
+    library = with_protocols_of(Library(REPO / "spot" / "default_library", read_only=True), path)
     for name in passing_sources():
         publish_source(library, name)
     return library

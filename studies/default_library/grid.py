@@ -60,11 +60,11 @@ def result_files() -> list[Path]:
         (GRID / "targets").glob("*/init.json"))
 
 
-def run_grid(no_commit: bool) -> None:
+def run_grid(targets: list[str], no_commit: bool) -> None:
     """Run the study over the built sources that beat zero-shot (`common.passes`) in a child
     process; commit its result files whenever they change."""
     ensure_published()
-    sources, targets = passing_sources(), available_targets()
+    sources = passing_sources()
     console.print(f"grid sources ({len(sources)}): {', '.join(sources)}")
     child = subprocess.Popen(study_command(sources, targets), cwd=REPO)
     seen: dict[Path, float] = {}
@@ -83,7 +83,7 @@ def run_grid(no_commit: bool) -> None:
         raise SystemExit(f"spot study failed ({child.returncode})")
 
 
-def run_long_baselines(no_commit: bool) -> None:
+def run_long_baselines(targets: list[str], no_commit: bool) -> None:
     """Each target's chosen baseline init in the source setting, up to LONG_STEPS steps."""
     from spot import backbones
     from spot.train import TrainConfig, train
@@ -93,7 +93,7 @@ def run_long_baselines(no_commit: bool) -> None:
     done = {json.loads(line)["target"] for line in path.read_text().splitlines()} if (
         path.is_file()) else set()
     model = None
-    for target in available_targets():
+    for target in targets:
         if target in done:
             continue
         model = model or backbones.load()
@@ -118,9 +118,10 @@ def main() -> None:
     parser.add_argument("--no-commit", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
     args = parser.parse_args()
-    run_grid(args.no_commit)
+    targets = available_targets()
+    run_grid(targets, args.no_commit)
     if not args.skip_long:
-        run_long_baselines(args.no_commit)
+        run_long_baselines(targets, args.no_commit)
 
 
 if __name__ == "__main__":

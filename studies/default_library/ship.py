@@ -23,9 +23,8 @@ from common import (
     publish_source,
     scored_rows,
     test_scores,
+    with_protocols_of,
 )
-
-from library import Library
 
 DEST = REPO / "spot" / "default_library"
 LIBRARY_README = """# Default prompt library for `smollm2-135m` ({n} sources)
@@ -78,9 +77,7 @@ def sources_table(rows: list[dict]) -> str:
 def main() -> None:
     published = ensure_published()
     shutil.rmtree(DEST)
-    library = Library(DEST)
-    for protocol, default in published.protocols():
-        library.register_protocol(protocol, published.protocol_start(protocol), default=default)
+    library = with_protocols_of(published, DEST)
     rows = scored_rows()
     shipped = [r for r in rows if passes(r)]
     for r in rows:
