@@ -29,7 +29,9 @@ $(TOOLS): $(CORE)
 # BIG-bench tasks read PyPI's bigbench 1.0.0 sdist. Where pip cannot fetch it (on 2026-12-05
 # PyPI served only 0.0.1), those tasks raise MissingDataError and their tests skip.
 data: $(CORE)
-	$(PY) -m spot.tasks --fetch-bigbench > /dev/null || echo "warning: no BIG-bench archive (see above); BIG-bench tasks are unavailable"
+	@$(PY) -m spot.tasks --fetch-bigbench > /dev/null; status=$$?; \
+	if [ $$status -eq 3 ]; then echo "warning: BIG-bench tasks are unavailable (see above)"; \
+	elif [ $$status -ne 0 ]; then exit $$status; fi
 
 demo: $(CORE)
 	$(PY) -m spot.demo

@@ -33,7 +33,8 @@ from spot.tasks import (
     register_task,
     task_from_file,
 )
-from spot.tasks.__main__ import table
+from spot.tasks.__main__ import UNAVAILABLE, table
+from spot.tasks.__main__ import main as tasks_main
 from spot.tasks.registry import _TASKS
 from spot.tasks.sentence import letters_and_digits
 from spot.tasks.splits import carve, complete_splits, split_single
@@ -489,6 +490,30 @@ def test_ensure_bigbench_archive_reports_pip_failure(monkeypatch, tmp_path):
     with pytest.raises(TaskError, match="older than 26"):
         bigbench.ensure_bigbench_archive("/opt/python")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_cli_exits_3_only_when_the_archive_is_unavailable(monkeypatch, tmp_path, capsys):
+    """`make data` warns on status 3 and fails on anything else, so bugs are not swallowed."""
+    monkeypatch.delenv("SPOT_BIGBENCH", raising=False)
+    monkeypatch.setenv("SPOT_CACHE", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["spot.tasks", "--fetch-bigbench", "tiny_binary"])
+    stderr = "ERROR: No matching distribution found for bigbench==1.0.0"
+    monkeypatch.setattr(
+        bigbench.subprocess,
+        "run",
+        lambda command, **kwargs: __import__("subprocess").CompletedProcess(command, 1, "", stderr),
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        tasks_main()
+    assert exit_info.value.code == UNAVAILABLE == 3
+    assert "No matching distribution" in capsys.readouterr().err
+
+    def broken_run(command, **kwargs):
+        raise RuntimeError("a bug, not a missing archive")
+
+    monkeypatch.setattr(bigbench.subprocess, "run", broken_run)
+    with pytest.raises(RuntimeError, match="a bug"):
+        tasks_main()
 
 
 # --- optional adapters ---------------------------------------------------------------

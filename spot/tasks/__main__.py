@@ -1,4 +1,9 @@
-"""`python -m spot.tasks [--fetch-bigbench [PYTHON]] [TASK ...]`: rows per split of each task."""
+"""`python -m spot.tasks [--fetch-bigbench [PYTHON]] [TASK ...]`: rows per split of each task.
+
+With --fetch-bigbench, an archive that cannot be obtained (pip finds no such version, no
+network, a pip that refuses the sdist) exits with status 3 and says why; `make data` treats
+that status, and only that one, as a warning.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,13 @@ import sys
 from spot.tasks import (
     SPLITS,
     MissingDataError,
+    TaskError,
     ensure_bigbench_archive,
     get_task,
     list_tasks,
 )
+
+UNAVAILABLE = 3  # exit status: the archive could not be obtained
 
 
 def table(names: list[str]) -> str:
@@ -48,7 +56,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.fetch_bigbench:
-        print(f"BIG-bench archive: {ensure_bigbench_archive(args.fetch_bigbench)}")
+        try:
+            print(f"BIG-bench archive: {ensure_bigbench_archive(args.fetch_bigbench)}")
+        except TaskError as error:
+            print(f"BIG-bench archive unavailable: {error}", file=sys.stderr)
+            sys.exit(UNAVAILABLE)
     print(table(args.tasks or list_tasks()))
 
 
