@@ -43,7 +43,7 @@ from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone
 from spot.evaluation import evaluate
 from spot.task_embedding import embed_task, key_metadata
-from spot.tasks import Task, get_task
+from spot.tasks import Task, TaskError, get_task
 from spot.train import TrainConfig, TrainResult, train
 from spot.transfer import Retrieved, held_out_score, run_transfer
 
@@ -398,6 +398,14 @@ def write_results(
         targets.get(r["target"], len(targets)), r["seed"])))
 
 
+def _family(task_of: Callable[[str], Task], name: str) -> dict[str, str]:
+    """{"family": ...}, or {} for a library source whose task is not registered here."""
+    try:
+        return {"family": task_of(name).family}
+    except TaskError:
+        return {}
+
+
 def write_similarities(
     out: Path, source_keys: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray | None]]],
     config: StudyConfig, task_of: Callable[[str], Task],
@@ -421,6 +429,6 @@ def write_similarities(
     roles = {name: "source" for name in config.sources}
     for target in config.targets:
         roles[target] = "both" if target in roles else "target"
-    meta = {name: {"family": task_of(name).family, "role": role} for name, role in roles.items()}
+    meta = {name: {"role": role} | _family(task_of, name) for name, role in roles.items()}
     atomic_write(out / "tasks.json", json.dumps(meta, indent=1).encode())
 

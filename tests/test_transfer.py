@@ -191,6 +191,30 @@ def test_library_study_scores_zero_step_picks_weighted_and_resumes_from_results(
     assert {f: (out / f).read_text() for f in before} == before
 
 
+def test_library_study_takes_sources_whose_task_is_not_registered(tiny_llama, tmp_path,
+                                                                   monkeypatch):
+    """A library's sources need not be tasks of this install: tasks.json omits their family."""
+    from spot.study import StudyConfig, run_study
+    from spot.tasks.registry import _TASKS
+
+    names = register_tiny_tasks()
+    base = TrainConfig(task=names[0], steps=4, prompt_length=4, eval_every=4, eval_examples=16,
+                       max_length=32)
+    library = Library(tmp_path / "library")
+    publish_tiny_sources(tiny_llama, library, (names[0], names[2]), base, tmp_path / "sources",
+                         recipes=("gradient",))
+    monkeypatch.delitem(_TASKS, names[2])  # the source was published elsewhere
+    config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), source=None,
+                         target=base, test_examples=16, library=str(library.root), k=1)
+    out = tmp_path / "study"
+    run_study(tiny_llama, config, out)
+    meta = json.loads((out / "tasks.json").read_text())
+    assert meta[names[2]] == {"role": "source"}
+    assert meta[names[0]] == {"role": "source", "family": get_task(names[0]).family}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in rows} == {names[0], names[2]}
+
+
 def test_study_config_refuses_inconsistent_grids():
     from spot.study import StudyConfig
 
