@@ -19,11 +19,12 @@ from library.prompt_file import (
     save_prompt,
 )
 from library.protocol import RECIPES, KeyProtocol, ProtocolMismatch
-from library.similarity import METRICS, pool, similarity, top_k
+from library.similarity import DEFAULT_METRIC, METRICS, pool, similarity, top_k
 from library.store import Library, Match, NoProtocolWarning, Published, VerifyReport
 
 __all__ = [
     "KINDS",
+    "DEFAULT_METRIC",
     "METRICS",
     "RECIPES",
     "ROLES",

@@ -18,6 +18,7 @@ import numpy as np
 BASE_METRICS = ("mean", "token", "flat")
 DELTA = "delta-"
 METRICS = BASE_METRICS + tuple(DELTA + m for m in BASE_METRICS)
+DEFAULT_METRIC = "token"  # retrieval's default everywhere (library, service, CLI, transfer)
 
 
 def check_metric(metric: str) -> str:

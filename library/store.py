@@ -48,7 +48,7 @@ from library.objects import (  # noqa: F401 - as_prompt is re-exported
 from library.prompt_file import Metadata, check_prompt, decode_prompt, metadata_strings
 from library.protocol import KeyProtocol
 from library.protocols_store import Protocols
-from library.similarity import check_metric, pool
+from library.similarity import DEFAULT_METRIC, check_metric, pool
 
 MANIFEST = "manifest.sqlite"
 ID_LENGTH = 16  # hex digits of the file's sha256 used as entry id
@@ -356,7 +356,7 @@ class Library(Protocols, KeyIndexes):
     # ---- search --------------------------------------------------------------------------
 
     def query(
-        self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10,
+        self, prompt: Any, backbone: str, metric: str = DEFAULT_METRIC, k: int = 10,
         recipe: str | None = None,
     ) -> list[Match]:
         """The `k` keys of `backbone` most similar to `prompt` [L, d] under `metric`, best first.
@@ -366,7 +366,7 @@ class Library(Protocols, KeyIndexes):
         return self.query_many([prompt], backbone, metric, k, recipe)[0]
 
     def query_many(
-        self, prompts: Sequence[Any], backbone: str, metric: str = "mean", k: int = 10,
+        self, prompts: Sequence[Any], backbone: str, metric: str = DEFAULT_METRIC, k: int = 10,
         recipe: str | None = None,
     ) -> list[list[Match]]:
         """`query` for several prompts in one batched search (BLAS from 16 prompts on)."""

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 
 from library import (
+    DEFAULT_METRIC,
     Entry,
     EntryNotFound,
     KeyProtocol,
@@ -159,7 +160,7 @@ class RetrievalClient:
         return self._request("DELETE", self._entry_url(entry_id)).json()["deleted"]
 
     def query(
-        self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10,
+        self, prompt: Any, backbone: str, metric: str = DEFAULT_METRIC, k: int = 10,
         recipe: str | None = None,
     ) -> list[Match]:
         """The `k` most similar keys; see `Library.query`."""

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from library.similarity import DEFAULT_METRIC, METRICS
+
 MAX_K = 1000
 MAX_PAGE = 1000
 
@@ -96,7 +98,7 @@ class QueryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = Field(min_length=1, description="backbone identity the keys were trained on")
-    metric: Literal["mean", "token", "flat", "delta-mean", "delta-token", "delta-flat"] = "mean"
+    metric: Literal[METRICS] = DEFAULT_METRIC
     k: int = Field(10, ge=1, le=MAX_K)
     recipe: Literal["trained", "gradient"] | None = Field(
         None, description="key protocol recipe to search (default: the backbone's default)"

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from library.similarity import DEFAULT_METRIC
 from spot.cli_common import (
     DEFAULT_TEMPLATE,
     TASK_HELP,
@@ -199,7 +200,7 @@ def query(
     token: Token = None,
     backbone: Backbone = "smollm2-135m",
     k: int = 3,
-    metric: str = "token",
+    metric: str = DEFAULT_METRIC,
     recipe: Recipe = None,
     eval_examples: EvalExamples = None,
     labels: Labels = None,
@@ -242,7 +243,7 @@ def tune_target(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/target"),
     strategy: Annotated[str, typer.Option(help="best-of-k | weighted | mixture")] = "best-of-k",
     k: int = 3,
-    metric: str = "token",
+    metric: str = DEFAULT_METRIC,
     recipe: Recipe = None,
     library: LibraryDir = None,
     remote: Remote = None,

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from library import KeyProtocol, NoProtocolWarning
+from library import DEFAULT_METRIC, KeyProtocol, NoProtocolWarning
 from library.atomic import atomic_write
 from library.prompt_file import decode_prompt
 from spot.analysis import relative_error_reduction
@@ -44,7 +44,7 @@ class PromptSource(Protocol):
     """A local `library.Library` or a `retrieval_api.client` with the same query/read calls."""
 
     def query(
-        self, prompt: Any, backbone: str, metric: str = "mean", k: int = 10,
+        self, prompt: Any, backbone: str, metric: str = DEFAULT_METRIC, k: int = 10,
         recipe: str | None = None,
     ) -> list: ...
 
@@ -142,7 +142,7 @@ def task_query(
 
 
 def retrieve(
-    source: PromptSource, backbone: Backbone, query: np.ndarray, k: int = 3, metric: str = "token",
+    source: PromptSource, backbone: Backbone, query: np.ndarray, k: int = 3, metric: str = DEFAULT_METRIC,
     exclude: Sequence[str] = (), recipe: str | None = None,
 ) -> list[Retrieved]:
     """Top-k source keys of this backbone by `metric`, with their value prompts loaded.
@@ -296,7 +296,7 @@ def held_out_score(
 def run_transfer(
     backbone: Backbone, task: Task, config: TrainConfig, out: str | Path,
     source: PromptSource | None = None, *, retrieved: Sequence[Retrieved] | None = None,
-    strategy: str = "best-of-k", k: int = 3, metric: str = "token", recipe: str | None = None,
+    strategy: str = "best-of-k", k: int = 3, metric: str = DEFAULT_METRIC, recipe: str | None = None,
     baseline: bool = True, test_examples: int | None = None, test_every_run: bool = False,
     show_progress: bool = False,
 ) -> TransferReport:

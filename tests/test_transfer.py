@@ -215,6 +215,23 @@ def test_library_study_takes_sources_whose_task_is_not_registered(tiny_llama, tm
     assert {r["source"] for r in rows} == {names[0], names[2]}
 
 
+def test_every_retrieval_entry_point_defaults_to_one_metric():
+    import inspect
+
+    from library import DEFAULT_METRIC, Library
+    from retrieval_api.client import RetrievalClient
+    from retrieval_api.schemas import QueryOptions
+    from spot import cli
+    from spot.transfer import retrieve, run_transfer
+
+    functions = (Library.query, Library.query_many, RetrievalClient.query, retrieve, run_transfer,
+                 cli.query, cli.tune_target)
+    defaults = {f.__qualname__: inspect.signature(f).parameters["metric"].default
+                for f in functions}
+    defaults["QueryOptions"] = QueryOptions(backbone="b").metric
+    assert defaults == dict.fromkeys(defaults, DEFAULT_METRIC)
+
+
 def test_study_config_refuses_inconsistent_grids():
     from spot.study import StudyConfig
 
