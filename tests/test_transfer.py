@@ -191,18 +191,24 @@ def test_library_study_scores_zero_step_picks_weighted_and_resumes_from_results(
     assert {f: (out / f).read_text() for f in before} == before
 
 
-def test_library_study_takes_sources_whose_task_is_not_registered(tiny_llama, tmp_path,
-                                                                   monkeypatch):
-    """A library's sources need not be tasks of this install: tasks.json omits their family."""
-    from spot.study import StudyConfig, run_study
-    from spot.tasks.registry import _TASKS
-
+def tiny_gradient_library(tiny_llama, tmp_path):
+    """(tiny task names, a 4-step config, a library of sources names[0] and names[2])."""
     names = register_tiny_tasks()
     base = TrainConfig(task=names[0], steps=4, prompt_length=4, eval_every=4, eval_examples=16,
                        max_length=32)
     library = Library(tmp_path / "library")
     publish_tiny_sources(tiny_llama, library, (names[0], names[2]), base, tmp_path / "sources",
                          recipes=("gradient",))
+    return names, base, library
+
+
+def test_library_study_takes_sources_whose_task_is_not_registered(tiny_llama, tmp_path,
+                                                                   monkeypatch):
+    """A library's sources need not be tasks of this install: tasks.json omits their family."""
+    from spot.study import StudyConfig, run_study
+    from spot.tasks.registry import _TASKS
+
+    names, base, library = tiny_gradient_library(tiny_llama, tmp_path)
     monkeypatch.delitem(_TASKS, names[2])  # the source was published elsewhere
     config = StudyConfig(sources=(names[0], names[2]), targets=(names[1],), source=None,
                          target=base, test_examples=16, library=str(library.root), k=1)
@@ -247,12 +253,7 @@ def test_study_config_refuses_inconsistent_grids():
 def test_library_study_given_more_sources_keeps_cells_and_redoes_stale_picks(tiny_llama, tmp_path):
     from spot.study import StudyConfig, run_study
 
-    names = register_tiny_tasks()
-    base = TrainConfig(task=names[0], steps=4, prompt_length=4, eval_every=4, eval_examples=16,
-                       max_length=32)
-    library = Library(tmp_path / "library")
-    publish_tiny_sources(tiny_llama, library, (names[0], names[2]), base, tmp_path / "sources",
-                         recipes=("gradient",))
+    names, base, library = tiny_gradient_library(tiny_llama, tmp_path)
     out = tmp_path / "study"
 
     def study(sources):
