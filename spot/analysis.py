@@ -1,9 +1,10 @@
 """Transferability study analysis: reads a `spot study` folder (no JAX, numpy/scipy only).
 
 A study folder holds
-    results.jsonl     one row per (source, target, seed): baseline_score, transfer_score (0-100),
-                      relative_error_reduction, similarity {name: cosine of source key and target
-                      query}, zero_step_score (legacy rows: sim_mean / sim_token)
+    results.jsonl     one row per (source, target, seed): baseline_score, transfer_score (the
+                      task metric x 100; MCC down to -100), relative_error_reduction,
+                      similarity {name: cosine of source key and target query},
+                      zero_step_score (legacy rows: sim_mean / sim_token)
     weighted.jsonl    optional: SPoT's weighted top-k init per (target, seed)
     similarity.jsonl  {"a", "b", "metric": <similarity name>, "similarity"} for ordered pairs
     tasks.json        optional {task: {"family": str, "role": "source"|"target"|"both", ...}}

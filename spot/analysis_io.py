@@ -238,8 +238,9 @@ def _cosine(value: float, name: str, where: str) -> float:
 
 
 def _score(value: float, name: str, where: str) -> float:
-    if not 0.0 <= value <= 100.0:
-        raise StudyError(f"{where}: {name} {value} is outside the 0-100 scale")
+    """A task metric times 100: 0-100, or down to -100 for MCC (below chance)."""
+    if not -100.0 <= value <= 100.0:
+        raise StudyError(f"{where}: {name} {value} is outside the -100-100 scale")
     return value
 
 

@@ -41,7 +41,7 @@ def evaluate(
     backbone: Backbone, prompt, task, split: str = "validation", limit: int | None = None,
     batch_size: int = 16, max_length: int = 128, show_progress: bool = False,
 ) -> dict[str, float]:
-    """Task metrics (0-100) of `prompt` on `split` (optionally a fixed subset)."""
+    """Task metrics (x 100: 0-100, MCC -100-100) of `prompt` on `split` (optionally a fixed subset)."""
     examples = subset(task.load(split), limit)
     encoded = encode(backbone, examples, max_length=max_length)
     scores = score_encoded(backbone, prompt, encoded, batch_size, max_length, show_progress,

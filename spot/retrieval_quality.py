@@ -338,13 +338,16 @@ def _pick_section(study: Study, k: int) -> list[str]:
 
 
 def retrieval_quality_markdown(study: Study, ks: Sequence[int] = KS,
-                               n_permutations: int = N_PERMUTATIONS, seed: int = 0) -> str:
-    """Markdown tables of retrieval quality, zero-step, weighted and pick results (for a README)."""
+                               n_permutations: int = N_PERMUTATIONS, seed: int = 0,
+                               quality: list[RetrievalQuality] | None = None) -> str:
+    """Markdown tables of retrieval quality, zero-step, weighted and pick results (for a README);
+    `quality`: `retrieval_quality(study, ks, n_permutations, seed)` if already computed."""
     lines = ["### Retrieval quality", ""]
     if study.synthetic:
         lines += ["**SYNTHETIC example data, not a result.**", ""]
     lines += _coverage(study)
-    quality = retrieval_quality(study, ks, n_permutations, seed)
+    if quality is None:
+        quality = retrieval_quality(study, ks, n_permutations, seed)
     if study.complete_targets:
         lines += _quality_section(study, quality, ks, n_permutations)
         lines += _zero_step_section(study, quality)

@@ -248,7 +248,8 @@ GOOD = row("A", "T", 0, 60.0, 70.0, 0.5)
     ({**GOOD, "seed": True}, "'seed' must be an integer"),
     ({**GOOD, "seed": 1.0}, "'seed' must be an integer"),
     ({**GOOD, "source": ""}, "'source' must be a non-empty string"),
-    ({**GOOD, "transfer_score": 120.0}, "outside the 0-100 scale"),
+    ({**GOOD, "transfer_score": 120.0}, "outside the -100-100 scale"),
+    ({**GOOD, "baseline_score": -100.5}, "outside the -100-100 scale"),
     ({**GOOD, "sim_token": 1.5}, "not a cosine"),
     ({**GOOD, "seed": 0}, "duplicate row"),
     ("{not json", "invalid JSON"),
@@ -263,6 +264,15 @@ def test_loader_rejects_bad_result_rows(tmp_path, bad_line, message):
         load_study(tmp_path)
     assert "results.jsonl line 4" in str(error.value)
     assert message in str(error.value)
+
+
+def test_loader_takes_negative_mcc_scores(tmp_path):
+    """MCC (cola) is below zero below chance; RER still counts error as 100 - score."""
+    write_study(tmp_path, [row("A", "T", 0, -5.0, 10.0, 0.5),
+                           row("B", "T", 0, -5.0, -20.0, 0.1)])
+    study = load_study(tmp_path)
+    rer = {r.source: r.relative_error_reduction for r in study.rows}
+    assert rer["A"] == pytest.approx(15 / 105) and rer["B"] == pytest.approx(-15 / 105)
 
 
 def test_loader_similarity_file_errors_and_gaps(tmp_path):
@@ -365,7 +375,7 @@ def test_new_format_loads_names_zero_step_weighted_and_config(tmp_path):
     ({"similarity": {"g/token": 0.5, "t/flat": 2.0}}, "similarity 't/flat' 2.0 is not a cosine"),
     ({"similarity": {}}, "field 'similarity' must be a non-empty object"),
     ({"zero_step_score": "high"}, "'zero_step_score' must be a number"),
-    ({"zero_step_score": 101.0}, "zero_step_score 101.0 is outside the 0-100 scale"),
+    ({"zero_step_score": 101.0}, "zero_step_score 101.0 is outside the -100-100 scale"),
 ])
 def test_new_format_rejects_bad_rows(tmp_path, bad, message):
     sims = {"g/token": 0.5, "t/flat": 0.1}
