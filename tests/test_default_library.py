@@ -124,3 +124,28 @@ def test_best_constant_answer_is_none_without_the_tasks_data(monkeypatch, tmp_pa
            "constant_test": None}
     assert beyond_prior(row) is None
     assert test_scores(row).endswith("best constant answer not measured")
+
+
+def test_the_grid_changes_the_default_only_for_a_better_significant_winner(monkeypatch) -> None:
+    """analyze.py's rule (fixed in the study README before the grid finished)."""
+    import math
+
+    from spot.retrieval_quality import MeanCorrelation, RetrievalQuality
+
+    monkeypatch.syspath_prepend(str(DEFAULT.parents[1] / "studies" / "default_library"))
+    from analyze import DEFAULT as CURRENT
+    from analyze import default_choice
+
+    def quality(name, gain, p, rho=0.0):
+        return RetrievalQuality(name, 7, MeanCorrelation(7, rho, 0.0), {3: gain}, {3: 0.6},
+                                {3: p}, None)
+
+    base = quality(CURRENT, 0.64, 0.5)
+    assert default_choice([base, quality("trained/token", 0.80, 0.01)])[0] == "trained/token"
+    choice, text = default_choice([base, quality("trained/token", 0.80, 0.15)])
+    assert choice == CURRENT and "cannot tell" in text  # better, not significant
+    assert default_choice([base, quality("trained/token", 0.60, 0.01)])[0] == CURRENT
+    tie = [base, quality("a/x", 0.9, 0.01, rho=0.1), quality("b/y", 0.9, 0.01, rho=0.3),
+           quality("c/z", math.nan, 0.0)]
+    assert default_choice(tie)[0] == "b/y"  # ties in gain: Spearman; nan never wins
+    assert default_choice([quality(CURRENT, 0.9, 0.01), quality("a/x", 0.5, 0.01)])[0] == CURRENT
