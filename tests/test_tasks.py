@@ -105,12 +105,20 @@ def test_task_loads_well_formed_and_deterministic(name):
         ("boolq", (32, 327, 2943)),
         ("copa", (32, 10, 90)),
         ("multirc", (154, 459, 4389)),
-        ("wsc", (32, 10, 94)),
+        ("wsc", (42, 10, 52)),
     ],
 )
 def test_split_sizes_follow_the_documented_rule(name, sizes):
     data = load_or_skip(name)
     assert tuple(len(data[split]) for split in SPLITS) == sizes
+
+
+@pytest.mark.parametrize("name", FILE_TASKS + BIGBENCH_TASKS)
+def test_every_split_holds_more_than_one_label(name):
+    """A split with one label trains (or tests) a constant answer (FewGLUE's wsc train did)."""
+    data = load_or_skip(name)
+    single = [split for split in SPLITS if len({e.label for e in data[split]}) < 2]
+    assert not single, f"{name}: one label in {single}"
 
 
 def test_templates_and_verbalisers():

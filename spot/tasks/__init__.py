@@ -17,10 +17,12 @@ Splits ("train", "validation", "test"), always in file order:
   train: min(1000, max(1, floor(0.1 * n_train))) rows. Applies to trec and agnews (their
   test files; agnews/train.tsv holds 10,000 articles), cola (in_domain_dev +
   out_of_domain_dev, i.e. GLUE's dev), and rte and cb (val.jsonl, SuperGLUE's dev).
-- FewGLUE's boolq, copa, wsc, multirc (32 training rows; multirc: 32 passages): all of train
+- FewGLUE's boolq, copa, multirc (32 training rows; multirc: 32 passages): all of train
   trains, validation is carved from val.jsonl (SuperGLUE's dev) by the same rule, and the
   rest of val.jsonl is test. MultiRC is carved by passage, then expanded to one row per answer
   option.
+- wsc: FewGLUE's 32 training rows all have label 1, so wsc splits val.jsonl (SuperGLUE's dev,
+  104 rows) alone: half is test, a fifth of the rest validation, the rest trains (42/10/52).
 - one file (mr, subj, mpqa): test is carved first by the same rule, then validation from
   the rest.
 - BIG-bench (spot.tasks.bigbench): test = 20% capped at 1000, then validation as above.

@@ -1,4 +1,4 @@
-"""SuperGLUE-style pair tasks from JSONL: rte, cb (full sets) and boolq, copa, multirc, wsc (FewGLUE)."""
+"""SuperGLUE-style pair tasks from JSONL: rte, cb (full sets), boolq, copa, multirc (FewGLUE), wsc."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def read_jsonl(name: str, filename: str, convert: Callable[[Row], T]) -> list[T]
     return read_rows(data_file(name, filename), lambda line: convert(json.loads(line)))
 
 
-FEW_SHOT = ("boolq", "copa", "multirc", "wsc")  # FewGLUE's files: 32 training rows (passages)
+FEW_SHOT = ("boolq", "copa", "multirc")  # FewGLUE's files: 32 training rows (passages)
 
 
 def jsonl_splits(name: str, convert: Callable[[Row], T]) -> dict[str, list[T]]:
@@ -136,6 +136,15 @@ def _register(
     )
 
 
+def wsc() -> dict[str, list[Example]]:
+    """wsc/val.jsonl (SuperGLUE's dev, 104 rows) alone: FewGLUE's 32 wsc training rows all
+    have label 1 (PET trains WSC by generating the referent), so as a yes/no task they teach
+    one answer. Half of dev is test, a fifth of the rest validation, and the rest trains."""
+    rest, test = carve(read_jsonl("wsc", "val.jsonl", wsc_row), "wsc/test", 0.5)
+    train, validation = carve(rest, "wsc/validation", 0.2)
+    return {"train": train, "validation": validation, "test": test}
+
+
 def multirc() -> dict[str, list[Example]]:
     # Split by passage (JSONL row), so no question straddles two splits; then one row per option.
     splits = jsonl_splits("multirc", multirc_row)
@@ -146,5 +155,5 @@ _register("rte", "nli", rte_row, 2)
 _register("cb", "nli", cb_row, 3, ("accuracy", "macro_f1"))
 _register("boolq", "qa", boolq_row, 2)
 _register("copa", "causal", copa_row, 2)
-_register("wsc", "coreference", wsc_row, 2)
+register_task(Task("wsc", "coreference", 2, ("accuracy",), wsc))
 register_task(Task("multirc", "qa", 2, ("f1", "accuracy"), multirc))
