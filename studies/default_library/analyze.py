@@ -74,11 +74,10 @@ def default_choice(quality: list[RetrievalQuality]) -> tuple[str, str]:
 
 def grid_status(study: Study) -> list[str]:
     """What the grid still lacks (a bold line), or nothing when it is complete."""
-    built = len(done_rows(HERE / "sources.jsonl"))
+    built = done_rows(HERE / "sources.jsonl")
     lacking = []
-    if built < len(SOURCES):
-        lacking.append(f"{len(SOURCES) - built} of the {len(SOURCES)} candidate sources are "
-                       "not built yet")
+    if unbuilt := [s for s in SOURCES if s not in built]:
+        lacking.append(f"candidate sources not built: {', '.join(unbuilt)}")
     if missing := [s for s in passing_sources() if s not in study.sources]:
         lacking.append(f"sources that beat zero-shot are not in it yet ({', '.join(missing)})")
     if missing := [t for t in TARGETS if t not in study.targets]:
