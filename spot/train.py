@@ -289,6 +289,9 @@ def train(
     valid_examples = subset(task.load("validation"), config.eval_examples, seed=config.seed)
     if not train_examples or not valid_examples:
         raise ValueError(f"task {task.name}: empty train or validation split")
+    if len(answers := {e.choices[e.label] for e in train_examples}) < 2:
+        raise ValueError(f"task {task.name}: all {len(train_examples)} training rows answer "
+                         f"{answers.pop()!r}; a prompt tuned on them learns to give that answer")
     encoded = encode(backbone, train_examples, max_length=config.max_length)
     metric = task.metrics[0]
     mesh = data_mesh()

@@ -24,6 +24,7 @@ import spot.train
 from library.prompt_file import load_prompt
 from spot.backbones.base import BackboneError
 from spot.batching import encode, make_batch
+from spot.tasks import Task
 from spot.train import TrainConfig, TrainingError, choice_loss, learning_rate_schedule, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +156,17 @@ def test_prompt_from_another_backbone_is_refused(tiny_llama, tmp_path):
     with pytest.raises(BackboneError, match="trained on backbone"):
         train(tiny_llama, polarity_task(), TrainConfig(**{**FAST, "init": init}), tmp_path / "b",
               show_progress=False)
+
+
+def test_a_training_split_with_one_label_is_refused(tiny_llama, tmp_path):
+    """FewGLUE's wsc train rows all had label 1: tuning on them only teaches that answer."""
+    data = polarity_task().load_all()
+    one = [row for row in data["train"] if row.label == 1]
+    task = Task("one_label", "sentiment", 2, ("accuracy",), lambda: {**data, "train": one})
+    with pytest.raises(ValueError, match=f"all {len(one)} training rows answer '{one[0].choices[1]}'"):
+        train(tiny_llama, task, TrainConfig(**{**FAST, "task": "one_label"}), tmp_path / "a",
+              show_progress=False)
+    assert not (tmp_path / "a" / "value.safetensors").exists()
 
 
 SCRIPT = textwrap.dedent("""
