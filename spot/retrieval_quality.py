@@ -9,7 +9,8 @@ Per similarity name, over the complete (target, seed) groups (see `spot.analysis
   recomputed, p = (1 + #{shuffled >= observed}) / (1 + n_permutations);
 - with zero-step scores (each source value scored untuned on the target): similarity vs the
   zero-step score, and the zero-step score vs RER (does the cheap grid predict the tuned one).
-Over every seed run: SPoT's weighted top-k init vs the baseline (`weighted_table`), and each
+Per target: baseline, transfer range, best source, sources above the baseline. Over every
+seed run: SPoT's weighted top-k init vs the baseline (`weighted_table`), and each
 target's top picks vs the baseline (`pick_table`). `retrieval_quality_markdown` renders it all.
 """
 
@@ -292,6 +293,22 @@ def _quality_section(study: Study, quality: list[RetrievalQuality], ks: Sequence
     return lines
 
 
+def _targets_section(study: Study) -> list[str]:
+    lines = ["### Targets", "",
+             "Per target, means over its complete seeds: the baseline, the range of the sources' "
+             "transfer scores, the best source and how many sources beat the baseline.", ""]
+    rows = []
+    for g in target_grids(study):
+        baseline, scores = float(g.baseline.mean()), g.scores.mean(axis=0)
+        best = int(np.argmax(scores))
+        rows.append([g.target, str(len(g.seeds)), _num(baseline),
+                     f"{_num(float(scores.min()))} to {_num(float(scores.max()))}",
+                     f"{g.sources[best]} ({_num(float(scores[best]))})",
+                     f"{int((scores > baseline).sum())} of {len(g.sources)}"])
+    return lines + _table(["target", "seeds", "baseline", "transfer range", "best source",
+                           "sources above baseline"], rows)
+
+
 def _zero_step_section(study: Study, quality: list[RetrievalQuality]) -> list[str]:
     found = zero_step_transfer_correlations(study)
     if not found:
@@ -350,6 +367,7 @@ def retrieval_quality_markdown(study: Study, ks: Sequence[int] = KS,
         quality = retrieval_quality(study, ks, n_permutations, seed)
     if study.complete_targets:
         lines += _quality_section(study, quality, ks, n_permutations)
+        lines += _targets_section(study)
         lines += _zero_step_section(study, quality)
     lines += _weighted_section(study)
     if study.complete_targets:
