@@ -138,8 +138,8 @@ def _register(
 
 def wsc() -> dict[str, list[Example]]:
     """wsc/val.jsonl (SuperGLUE's dev, 104 rows) alone: FewGLUE's 32 wsc training rows all
-    have label 1 (PET trains WSC by generating the referent), so as a yes/no task they teach
-    one answer. Half of dev is test, a fifth of the rest validation, and the rest trains."""
+    have label 1, so as a yes/no task they teach one answer. Half of dev is test, a fifth of
+    the rest validation, and the rest trains."""
     rest, test = carve(read_jsonl("wsc", "val.jsonl", wsc_row), "wsc/test", 0.5)
     train, validation = carve(rest, "wsc/validation", 0.2)
     return {"train": train, "validation": validation, "test": test}
