@@ -38,7 +38,7 @@ from rich.console import Console
 
 from library import Library, load_prompt, save_prompt, similarity
 from library.atomic import atomic_write
-from library.similarity import BASE_METRICS, DELTA
+from library.similarity import BASE_METRICS, DEFAULT_METRIC, DELTA
 from spot.analysis import relative_error_reduction
 from spot.backbones.base import Backbone
 from spot.evaluation import evaluate
@@ -124,17 +124,17 @@ def metric_names(recipe: str) -> tuple[str, ...]:
 
 def pick_name(config: StudyConfig, library: Library, backbone: Backbone | None) -> str:
     """The similarity ranking each target's picks: `pick_by`, else the library's default
-    protocol's recipe with "token" (a study training its sources: "token")."""
+    protocol's recipe with DEFAULT_METRIC (a study training its sources: DEFAULT_METRIC)."""
     if config.pick_by is not None:
         return config.pick_by
     if config.library is None:
-        return "token"
+        return DEFAULT_METRIC
     if backbone is None:
         raise ValueError("a library study needs its backbone to resolve pick_by")
     default = library.resolve_protocol(backbone.identity)
     if default is None:
         raise ValueError(f"{config.library} holds no key protocol for {backbone.identity}")
-    return f"{default.recipe}/token"
+    return f"{default.recipe}/{DEFAULT_METRIC}"
 
 
 def row(

@@ -17,6 +17,12 @@ GRID_TARGETS = {"rte", "cb", "copa", "wsc", "cola", "boolq", "mpqa", "bigbench_i
 
 
 @pytest.fixture
+def study_scripts(monkeypatch) -> None:
+    """studies/default_library on sys.path (for this test only): its scripts import as modules."""
+    monkeypatch.syspath_prepend(str(DEFAULT.parents[1] / "studies" / "default_library"))
+
+
+@pytest.fixture
 def shipped(tmp_path: Path) -> Library:
     """A copy of the default library (verify may repair derived files; the checkout stays as is)."""
     copy = tmp_path / "default_library"
@@ -85,19 +91,14 @@ def test_every_shipped_value_beats_zero_shot_and_carries_its_test_scores(shipped
         assert "best constant answer" in entry.extra["test"]
 
 
-def test_best_constant_answer_is_the_majority_label_share_under_accuracy() -> None:
+def test_best_constant_answer_is_the_majority_label_share_under_accuracy(study_scripts) -> None:
     import collections
-    import sys
+
+    from common import TEST_ROWS, constant_score
 
     from spot.tasks import MissingDataError, get_task
     from spot.tasks.splits import subset
 
-    study = DEFAULT.parents[1] / "studies" / "default_library"
-    sys.path.insert(0, str(study))
-    try:
-        from common import TEST_ROWS, constant_score
-    finally:
-        sys.path.remove(str(study))
     try:
         rows = subset(get_task("trec").load("test"), TEST_ROWS)
     except MissingDataError as error:
@@ -106,19 +107,14 @@ def test_best_constant_answer_is_the_majority_label_share_under_accuracy() -> No
     assert constant_score("trec") == pytest.approx(100 * majority / len(rows))
 
 
-def test_best_constant_answer_is_none_without_the_tasks_data(monkeypatch, tmp_path) -> None:
+def test_best_constant_answer_is_none_without_the_tasks_data(monkeypatch, tmp_path,
+                                                            study_scripts) -> None:
     """ship.py shows "not measured" for a source whose data is gone (a BIG-bench task without
     the archive), rather than failing or inventing a score."""
-    import sys
+    from common import beyond_prior, constant_score, test_scores
 
     monkeypatch.setenv("SPOT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPOT_BIGBENCH", str(tmp_path / "none.tar.gz"))
-    study = DEFAULT.parents[1] / "studies" / "default_library"
-    sys.path.insert(0, str(study))
-    try:
-        from common import beyond_prior, constant_score, test_scores
-    finally:
-        sys.path.remove(str(study))
     assert constant_score("bigbench_navigate") is None
     row = {"metric": "accuracy", "test_rows": 200, "value_test": 63.5, "zero_shot_test": 54.5,
            "constant_test": None}
@@ -126,15 +122,17 @@ def test_best_constant_answer_is_none_without_the_tasks_data(monkeypatch, tmp_pa
     assert test_scores(row).endswith("best constant answer not measured")
 
 
-def test_the_grid_changes_the_default_only_for_a_better_significant_winner(monkeypatch) -> None:
+def test_the_grid_changes_the_default_only_for_a_better_significant_winner(study_scripts) -> None:
     """analyze.py's rule (fixed in the study README before the grid finished)."""
+    import functools
     import math
+
+    import analyze
 
     from spot.retrieval_quality import MeanCorrelation, RetrievalQuality
 
-    monkeypatch.syspath_prepend(str(DEFAULT.parents[1] / "studies" / "default_library"))
-    from analyze import DEFAULT as CURRENT
-    from analyze import default_choice
+    CURRENT = "gradient/token"
+    default_choice = functools.partial(analyze.default_choice, default=CURRENT)
 
     def quality(name, gain, p, rho=0.0):
         return RetrievalQuality(name, 7, MeanCorrelation(7, rho, 0.0), {3: gain}, {3: 0.6},

@@ -41,7 +41,9 @@ def carve(
     return kept, [items[i] for i in sorted(held)]
 
 
-def complete_splits(name: str, parts: Mapping[str, Sequence[T]]) -> dict[str, list[T]]:
+def complete_splits(
+    name: str, parts: Mapping[str, Sequence[T]], validation_fraction: float = HOLDOUT_FRACTION
+) -> dict[str, list[T]]:
     """{"train", "validation", "test"} as given, or validation carved from train when absent."""
     if set(parts) == set(SPLITS):
         return {split: list(parts[split]) for split in SPLITS}
@@ -49,16 +51,17 @@ def complete_splits(name: str, parts: Mapping[str, Sequence[T]]) -> dict[str, li
         raise TaskError(
             f"{name}: need splits train+test (+validation), got {sorted(parts)}"
         )
-    train, validation = carve(parts["train"], f"{name}/validation")
+    train, validation = carve(parts["train"], f"{name}/validation", validation_fraction)
     return {"train": train, "validation": validation, "test": list(parts["test"])}
 
 
 def split_single(
-    name: str, items: Sequence[T], test_fraction: float = HOLDOUT_FRACTION
+    name: str, items: Sequence[T], test_fraction: float = HOLDOUT_FRACTION,
+    validation_fraction: float = HOLDOUT_FRACTION,
 ) -> dict[str, list[T]]:
     """One pool -> test carved first (test_fraction, capped), then validation from the rest."""
     rest, test = carve(items, f"{name}/test", test_fraction)
-    return complete_splits(name, {"train": rest, "test": test})
+    return complete_splits(name, {"train": rest, "test": test}, validation_fraction)
 
 
 def subset(examples: Sequence, limit: int | None, seed: int = 0) -> list:

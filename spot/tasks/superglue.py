@@ -10,7 +10,7 @@ from spot.tasks.core import Example, Task
 from spot.tasks.files import clean, data_file, read_rows
 from spot.tasks.registry import register_task
 from spot.tasks.sentence import YES_NO
-from spot.tasks.splits import carve, complete_splits
+from spot.tasks.splits import carve, complete_splits, split_single
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -140,9 +140,7 @@ def wsc() -> dict[str, list[Example]]:
     """wsc/val.jsonl (SuperGLUE's dev, 104 rows) alone: FewGLUE's 32 wsc training rows all
     have label 1, so as a yes/no task they teach one answer. Half of dev is test, a fifth of
     the rest validation, and the rest trains."""
-    rest, test = carve(read_jsonl("wsc", "val.jsonl", wsc_row), "wsc/test", 0.5)
-    train, validation = carve(rest, "wsc/validation", 0.2)
-    return {"train": train, "validation": validation, "test": test}
+    return split_single("wsc", read_jsonl("wsc", "val.jsonl", wsc_row), 0.5, 0.2)
 
 
 def multirc() -> dict[str, list[Example]]:

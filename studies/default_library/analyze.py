@@ -20,7 +20,6 @@ from spot.analysis_io import Study, load_study
 from spot.figures import write_figures
 from spot.retrieval_quality import RetrievalQuality, retrieval_quality, retrieval_quality_markdown
 
-DEFAULT = "gradient/token"  # the library's default until the grid says otherwise
 K = 3  # the rule's k
 ALPHA = 0.05
 
@@ -47,27 +46,28 @@ def long_baselines_markdown(study: Study) -> str:
     return "\n".join(lines)
 
 
-def default_choice(quality: list[RetrievalQuality]) -> tuple[str, str]:
+def default_choice(quality: list[RetrievalQuality], default: str) -> tuple[str, str]:
     """(the default by the README's rule, a Markdown paragraph saying why): the name with the
-    highest mean gain kept at K (ties: mean Spearman) replaces DEFAULT if its gain is above
-    DEFAULT's and beats random with p < ALPHA."""
+    highest mean gain kept at K (ties: mean Spearman) replaces `default` (the library's, which
+    the grid picked by: `Study.pick_by`) if its gain is above the default's and beats random
+    with p < ALPHA."""
     def rank(q: RetrievalQuality) -> tuple[float, float]:
         return tuple(x if math.isfinite(x) else -math.inf for x in (q.gain[K], q.correlation.rho))
 
     best = max(quality, key=rank)
-    current = next(q for q in quality if q.name == DEFAULT)
+    current = next(q for q in quality if q.name == default)
     switch = best is not current and best.gain[K] > current.gain[K] and best.p_value[K] < ALPHA
-    choice = best.name if switch else DEFAULT
+    choice = best.name if switch else default
     if switch:
         verdict = f"changes to {choice}"
     elif best is current:
-        verdict = f"stays {DEFAULT}"
+        verdict = f"stays {default}"
     else:
-        verdict = f"stays {DEFAULT}; the grid cannot tell the protocols apart"
+        verdict = f"stays {default}; the grid cannot tell the protocols apart"
     text = (f"**The library's default, by the rule above: it {verdict}.** Highest gain kept at "
             f"k={K}: {best.name}, {best.gain[K]:.2f} against {best.random[K]:.2f} for random "
             f"picks (p {best.p_value[K]:.3f}; times {len(quality)}, Bonferroni: "
-            f"{min(1.0, len(quality) * best.p_value[K]):.3f}); {DEFAULT}: "
+            f"{min(1.0, len(quality) * best.p_value[K]):.3f}); {default}: "
             f"{current.gain[K]:.2f} (p {current.p_value[K]:.3f}).")
     return choice, text
 
@@ -97,7 +97,7 @@ def main() -> None:
     figures = write_figures(GRID, HERE / "figures")
     status = grid_status(study)
     quality = retrieval_quality(study)
-    _, choice = default_choice(quality)
+    _, choice = default_choice(quality, study.pick_by)
     block = "\n\n".join([
         "<!-- grid -->", *status, choice, retrieval_quality_markdown(study, quality=quality),
         "### The grid's budget against a long baseline", long_baselines_markdown(study),
