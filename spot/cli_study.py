@@ -128,9 +128,10 @@ def heatmap(
 ) -> None:
     """Transferability figures as PNG: similarity heatmaps and scatters per similarity name,
     the transfer heatmap, the retrieval curve and retrieval quality."""
+    from spot.analysis import load_study
     from spot.figures import write_figures
 
-    for path in write_figures(results, out):
+    for path in write_figures(load_study(results), out):
         console.print(str(path))
 
 

@@ -1,6 +1,6 @@
 """Transferability figures from a study folder (matplotlib Agg canvas, no pyplot state, no JAX).
 
-`write_figures(study_dir, out_dir)` writes, per the `spot.analysis` conventions (a similarity
+`write_figures(study, out_dir)` writes, per the `spot.analysis` conventions (a similarity
 name "gradient/token" becomes "gradient_token" in file names):
     similarity_<name>.png     clustered task-embedding cosine heatmap, per name in similarity.jsonl
     transfer_rer.png          source x target RER heatmap (mean over the seeds run)
@@ -258,9 +258,8 @@ def _slug(name: str) -> str:
     return name.replace("/", "_")
 
 
-def write_figures(study_dir: str | Path, out_dir: str | Path, *, dpi: int = 150) -> list[Path]:
-    """Load the study folder and write every figure as PNG into `out_dir`; returns the paths."""
-    study = analysis.load_study(study_dir)
+def write_figures(study: analysis.Study, out_dir: str | Path, *, dpi: int = 150) -> list[Path]:
+    """Write every figure of `study` as PNG into `out_dir`; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {f"similarity_{_slug(m)}": similarity_figure(study, m) for m in study.similarity}

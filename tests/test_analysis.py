@@ -622,7 +622,7 @@ def test_write_figures_on_the_example(tmp_path):
     pytest.importorskip("matplotlib")
     from spot.figures import write_figures
 
-    paths = write_figures(EXAMPLE, tmp_path / "figs", dpi=50)
+    paths = write_figures(load_study(EXAMPLE), tmp_path / "figs", dpi=50)
     assert [p.name for p in paths] == [
         "similarity_gradient_mean.png", "similarity_gradient_token.png",
         "similarity_trained_delta-flat.png", "transfer_rer.png", "scatter_gradient_mean.png",
@@ -637,7 +637,7 @@ def test_write_figures_on_a_tiny_study(tmp_path):
     from spot.figures import cluster_order, write_figures
 
     study_dir = write_study(tmp_path / "tiny", [row("A", "T", 0, 60.0, 70.0, 0.5)])
-    paths = write_figures(study_dir, tmp_path / "figs", dpi=40)
+    paths = write_figures(load_study(study_dir), tmp_path / "figs", dpi=40)
     assert len(paths) == 7 and all(_is_png(p) for p in paths)
     matrix = np.array([[1.0, 0.9, 0.0], [0.9, 1.0, 0.1], [0.0, 0.1, 1.0]])
     assert cluster_order(matrix) in ([0, 1, 2], [2, 1, 0])
@@ -652,7 +652,8 @@ def test_write_figures_without_complete_groups_or_similarity_file(tmp_path):
     study_dir = write_study(tmp_path / "partial", rows)
     (study_dir / "similarity.jsonl").unlink()
     with pytest.warns(UserWarning):
-        paths = write_figures(study_dir, tmp_path / "figs", dpi=40)
+        study = load_study(study_dir)
+    paths = write_figures(study, tmp_path / "figs", dpi=40)
     assert [p.name for p in paths] == ["transfer_rer.png", "scatter_g_m.png",
                                        "retrieval_curve.png", "retrieval_quality.png"]
     assert all(_is_png(p) for p in paths)

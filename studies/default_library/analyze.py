@@ -94,7 +94,7 @@ def grid_status(study: Study) -> list[str]:
 
 def main() -> None:
     study = load_study(GRID)
-    figures = write_figures(GRID, HERE / "figures")
+    figures = write_figures(study, HERE / "figures")
     status = grid_status(study)
     quality = retrieval_quality(study)
     _, choice = default_choice(quality, study.pick_by)
