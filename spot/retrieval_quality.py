@@ -178,6 +178,15 @@ def weighted_wins(rows: Sequence[WeightedRow]) -> int:
     return sum(row.weighted > row.baseline for row in rows)
 
 
+def weighted_sign_test(rows: Sequence[WeightedRow]) -> float:
+    """One-sided sign test of `weighted_wins` against no effect (ties dropped): the chance of at
+    least that many wins if each target were a fair coin; nan without a non-tied target."""
+    from scipy.stats import binomtest
+
+    n = sum(row.weighted != row.baseline for row in rows)
+    return binomtest(weighted_wins(rows), n, alternative="greater").pvalue if n else math.nan
+
+
 @dataclass(frozen=True)
 class PickRow:
     """Per target: the top-1 and the best of the top-k picks vs the baseline, mean and std over
@@ -338,7 +347,8 @@ def _weighted_section(study: Study) -> list[str]:
                       _pm(r.baseline, r.baseline_std), _pm(r.weighted, r.weighted_std),
                       _num(r.weighted - r.baseline, sign=True), _num(r.rer, 3, sign=True)]
                      for r in rows])
-    return lines + [f"Weighted above baseline on {weighted_wins(rows)} of {len(rows)} targets.", ""]
+    return lines + [f"Weighted above baseline on {weighted_wins(rows)} of {len(rows)} targets "
+                    f"(one-sided sign test, ties dropped: p {_p(weighted_sign_test(rows))}).", ""]
 
 
 def _pick_section(study: Study, k: int) -> list[str]:
@@ -378,6 +388,6 @@ def retrieval_quality_markdown(study: Study, ks: Sequence[int] = KS,
 __all__ = [
     "KS", "N_PERMUTATIONS", "MeanCorrelation", "PickRow", "RetrievalQuality", "WeightedRow",
     "mean_correlation", "permutation_p_value", "pick_table", "retrieval_quality",
-    "retrieval_quality_markdown", "weighted_table", "weighted_wins", "zero_step_correlations",
+    "retrieval_quality_markdown", "weighted_sign_test", "weighted_table", "weighted_wins", "zero_step_correlations",
     "zero_step_transfer_correlations",
 ]

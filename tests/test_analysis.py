@@ -510,9 +510,23 @@ def test_weighted_table(tmp_path):
     assert t.rer == pytest.approx((6 / 40 + 8 / 38) / 2)
     assert (u.baseline, u.weighted, t.sources, t.by) == (71.0, 69.0, ("A",), "g/token")
     assert rq.weighted_wins(table) == 1
+    assert rq.weighted_sign_test(table) == pytest.approx(0.75)  # P(at least 1 of 2 heads)
     text = rq.retrieval_quality_markdown(study, n_permutations=50)
     assert "| T | 1 | g/token | A | 2 | 61.00 ± 1.41 | 68.00 ± 2.83 | +7.00 | +0.180 |" in text
-    assert "Weighted above baseline on 1 of 2 targets." in text
+    assert "Weighted above baseline on 1 of 2 targets (one-sided sign test, ties dropped: " \
+           "p 0.750)." in text
+
+
+def test_weighted_sign_test_drops_ties():
+    rq = pytest.importorskip("spot.retrieval_quality")
+
+    def row(baseline: float, weighted: float):
+        return rq.WeightedRow("T", 3, "g/token", ("A",), 3, baseline, 0.0, weighted, 0.0, 0.0)
+
+    wins = [row(50.0, 60.0)] * 5
+    assert rq.weighted_sign_test(wins + [row(50.0, 40.0)] * 2) == pytest.approx(29 / 128)
+    assert rq.weighted_sign_test(wins + [row(50.0, 50.0)] * 2) == pytest.approx(1 / 32)
+    assert math.isnan(rq.weighted_sign_test([row(50.0, 50.0)]))
 
 
 def test_zero_step_correlations(tmp_path):
