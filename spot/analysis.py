@@ -230,6 +230,11 @@ class TargetGrid:
     def oracle(self) -> np.ndarray:
         return self.scores.max(axis=1)
 
+    @property
+    def room(self) -> np.ndarray:
+        """[seeds] whether some source beats the baseline: where gain kept is defined."""
+        return self.oracle > self.baseline
+
     def ranking(self, name: str) -> np.ndarray:
         """[seeds, sources] source indices by `name` similarity, highest first (ties: order)."""
         return np.argsort(-self.similarity[name], axis=1, kind="stable")
@@ -258,11 +263,17 @@ def target_grids(study: Study) -> list[TargetGrid]:
 
 
 def gain_kept(best: Any, oracle: Any, baseline: Any) -> np.ndarray:
-    """(best - baseline) / (oracle - baseline), elementwise; 1.0 where oracle <= baseline."""
+    """(best - baseline) / (oracle - baseline), elementwise; NaN (undefined: there is no gain
+    to keep) where oracle <= baseline."""
     best, oracle, baseline = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64)
                                                    for a in (best, oracle, baseline)))
     room = oracle - baseline
-    return np.divide(best - baseline, room, out=np.ones(room.shape), where=room > 0)
+    return np.divide(best - baseline, room, out=np.full(room.shape, np.nan), where=room > 0)
+
+
+def with_room(grids: Sequence[TargetGrid]) -> list[TargetGrid]:
+    """The grids where some source beats the baseline at some seed: those with a gain to keep."""
+    return [g for g in grids if g.room.any()]
 
 
 def expected_random_best(scores: Sequence[float], k: int) -> float:
@@ -275,16 +286,17 @@ def expected_random_best(scores: Sequence[float], k: int) -> float:
 
 
 def grid_gain(grid: TargetGrid, name: str, k: int) -> float:
-    """Gain kept by the best of the top-k by `name`, mean over the grid's seeds."""
+    """Gain kept by the best of the top-k by `name`, mean over the grid's seeds with room."""
     ranked = np.take_along_axis(grid.scores, grid.ranking(name), axis=1)
     best = ranked[:, :min(k, ranked.shape[1])].max(axis=1)
-    return float(gain_kept(best, grid.oracle, grid.baseline).mean())
+    return float(gain_kept(best, grid.oracle, grid.baseline)[grid.room].mean())
 
 
 def grid_random_gain(grid: TargetGrid, k: int) -> float:
-    """Expected gain kept by k sources drawn uniformly at random, mean over the grid's seeds."""
+    """Expected gain kept by k sources drawn uniformly at random, mean over the grid's seeds
+    with room."""
     best = [expected_random_best(line, k) for line in grid.scores]
-    return float(gain_kept(best, grid.oracle, grid.baseline).mean())
+    return float(gain_kept(best, grid.oracle, grid.baseline)[grid.room].mean())
 
 
 @dataclass(frozen=True)
@@ -294,9 +306,10 @@ class RetrievalCurve:
     For one target and complete seed, sources are ranked by similarity (highest first),
     best_k = the best transfer score among the top k, oracle = the best over all sources, and
         gain_kept(k) = (best_k - baseline) / (oracle - baseline).
-    When oracle <= baseline no source improves on the baseline, so there is no gain to lose and
-    gain_kept is 1.0 for every k. It can be negative when the retrieved sources are worse than
-    the baseline while another source is better; it is not clipped. gain_kept(K) = 1 always.
+    When oracle <= baseline no source improves on the baseline: there is no gain to keep, and
+    that seed is left out (a target with no such seed is left out of `per_target`). It can be
+    negative when the retrieved sources are worse than the baseline while another source is
+    better; it is not clipped. gain_kept(K) = 1 always.
     Averaged over seeds per target (`per_target`), then over targets (`mean`, `std` across
     targets). `random` is the exact expectation for k sources drawn uniformly at random, the
     reference a similarity metric has to beat. For a target with fewer than k sources, top-k
@@ -312,10 +325,14 @@ class RetrievalCurve:
 
 
 def _grids_or_raise(study: Study) -> list[TargetGrid]:
+    """The complete targets with a gain to keep (`with_room`), else a ValueError saying why."""
     grids = target_grids(study)
     if not grids:
         raise ValueError(f"{study.path}: no complete (target, seed) group (every source run on "
                          "a target at one seed) to rank")
+    if not (grids := with_room(grids)):
+        raise ValueError(f"{study.path}: no source beats the baseline on any target: there is "
+                         "no gain to keep")
     return grids
 
 
@@ -411,5 +428,5 @@ __all__ = [
     "expected_random_best", "format_table", "gain_kept", "grid_gain", "grid_random_gain",
     "load_study", "mean_std", "pearson", "relative_error_reduction", "rer_matrix",
     "retrieval_curve", "retrieval_table", "similarity_matrix", "spearman", "summary_table",
-    "target_grids",
+    "target_grids", "with_room",
 ]

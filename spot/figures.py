@@ -134,15 +134,27 @@ def transfer_figure(study: analysis.Study) -> Figure:
     return figure
 
 
-def _placeholder(study: analysis.Study, title: str) -> Figure:
-    """A figure saying why it is empty (no complete (target, seed) group yet)."""
+NO_GROUP = "no complete (target, seed) group yet:\nevery source must be run on a target at one seed"
+NO_GAIN = "no source beats the baseline on any target:\nthere is no gain to keep"
+
+
+def _placeholder(study: analysis.Study, title: str, why: str = NO_GROUP) -> Figure:
+    """A figure saying why it is empty."""
     figure = _new_figure(6.0, 3.0)
     ax = figure.add_subplot()
     ax.axis("off")
-    ax.text(0.5, 0.5, "no complete (target, seed) group yet:\nevery source must be run on a "
-            "target at one seed", ha="center", va="center", fontsize=10)
+    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=10)
     _label(study, figure, title)
     return figure
+
+
+def _retrieval_placeholder(study: analysis.Study, title: str) -> Figure | None:
+    """The placeholder of a retrieval figure with no gain to keep, else None."""
+    if not study.complete_targets:
+        return _placeholder(study, title)
+    if not analysis.with_room(analysis.target_grids(study)):
+        return _placeholder(study, title, NO_GAIN)
+    return None
 
 
 def _style(names: list[str], name: str) -> dict:
@@ -197,8 +209,8 @@ def retrieval_figure(study: analysis.Study) -> Figure:
     """Gain kept by best-of-top-k for every similarity name, with the random-choice expectation
     (+-1 std band across targets when there are at most 3 names)."""
     title = "Retrieval: best-of-top-k"
-    if not study.complete_targets:
-        return _placeholder(study, title)
+    if empty := _retrieval_placeholder(study, title):
+        return empty
     names = study.similarity_names
     figure = _new_figure(6.5, 4.5)
     ax = figure.add_subplot()
@@ -225,8 +237,8 @@ def retrieval_quality_figure(study: analysis.Study, ks: tuple[int, ...] = (1, 3)
     """Left: gain kept at k = 1..K per similarity name vs k random sources, legend with the
     permutation p at `ks`. Right: Spearman rho of similarity vs RER, per target (dots) and mean."""
     title = "Retrieval quality: which similarity beats random?"
-    if not study.complete_targets:
-        return _placeholder(study, title)
+    if empty := _retrieval_placeholder(study, title):
+        return empty
     names = study.similarity_names
     quality = {q.name: q for q in retrieval_quality.retrieval_quality(study, ks)}
     figure = _new_figure(11.0, max(4.5, 0.35 * len(names) + 2.5))

@@ -4,7 +4,7 @@ Per similarity name, over the complete (target, seed) groups (see `spot.analysis
 - Spearman rho and Pearson r of similarity vs relative error reduction per target, and their
   mean over the targets where they are defined;
 - gain kept at k (best of the top-k vs the oracle, `spot.analysis.gain_kept`), mean over
-  targets, against k sources drawn at random (the exact expectation over all k-subsets) and a
+  the targets where some source beats the baseline (elsewhere it is undefined), against k sources drawn at random (the exact expectation over all k-subsets) and a
   permutation p-value: each target's source order is shuffled independently, the mean gain kept
   recomputed, p = (1 + #{shuffled >= observed}) / (1 + n_permutations);
 - with zero-step scores (each source value scored untuned on the target): similarity vs the
@@ -35,6 +35,7 @@ from spot.analysis import (
     grid_random_gain,
     mean_std,
     target_grids,
+    with_room,
 )
 from spot.analysis_io import _ordered
 
@@ -69,7 +70,7 @@ class RetrievalQuality:
     name: str
     n_targets: int
     correlation: MeanCorrelation  # similarity vs RER
-    gain: dict[int, float]  # k -> mean over targets of the gain kept by the top k
+    gain: dict[int, float]  # k -> mean over targets with room of the gain kept by the top k
     random: dict[int, float]  # k -> the same for k sources drawn at random (expectation)
     p_value: dict[int, float]  # k -> permutation p of `gain`
     zero_step: MeanCorrelation | None  # similarity vs zero-step score; None when not measured
@@ -80,14 +81,15 @@ def _shuffled_gains(grid: TargetGrid, k: int, n: int, rng: np.random.Generator) 
     count = len(grid.sources)
     orders = rng.permuted(np.tile(np.arange(count), (n, 1)), axis=1)[:, :min(k, count)]
     best = grid.scores[:, orders].max(axis=-1)  # [seeds, n]
-    return gain_kept(best, grid.oracle[:, None], grid.baseline[:, None]).mean(axis=0)
+    return gain_kept(best, grid.oracle[:, None], grid.baseline[:, None])[grid.room].mean(axis=0)
 
 
 def permutation_p_value(grids: Sequence[TargetGrid], name: str, k: int,
                         n_permutations: int = N_PERMUTATIONS, seed: int = 0) -> float:
     """p of the mean-over-targets gain kept at k under `name`, against source orders shuffled
-    within each target independently (a seeded numpy Generator)."""
-    if not grids:
+    within each target independently (a seeded numpy Generator). Targets without a gain to
+    keep are left out (`with_room`)."""
+    if not (grids := with_room(grids)):
         return math.nan
     observed = float(np.mean([grid_gain(g, name, k) for g in grids]))
     rng = np.random.default_rng(seed)
@@ -124,16 +126,17 @@ def retrieval_quality(
 ) -> list[RetrievalQuality]:
     """One `RetrievalQuality` per similarity name, in the study's name order."""
     grids = target_grids(study)
+    roomy = with_room(grids)
     out = []
     for name in study.similarity_names:
         zero = zero_step_correlations(study, name)
         out.append(RetrievalQuality(
             name, len(grids), mean_correlation(correlations(study, name)),
-            {k: float(np.mean([grid_gain(g, name, k) for g in grids])) if grids else math.nan
+            {k: float(np.mean([grid_gain(g, name, k) for g in roomy])) if roomy else math.nan
              for k in ks},
-            {k: float(np.mean([grid_random_gain(g, k) for g in grids])) if grids else math.nan
+            {k: float(np.mean([grid_random_gain(g, k) for g in roomy])) if roomy else math.nan
              for k in ks},
-            {k: permutation_p_value(grids, name, k, n_permutations, seed) for k in ks},
+            {k: permutation_p_value(roomy, name, k, n_permutations, seed) for k in ks},
             mean_correlation(zero) if zero else None))
     return out
 
@@ -271,14 +274,15 @@ def _quality_section(study: Study, quality: list[RetrievalQuality], ks: Sequence
                      n_permutations: int) -> list[str]:
     lines = ["Spearman ρ / Pearson r: similarity vs relative error reduction per target, mean "
              "over targets (n: targets where defined). Gain kept at k = (best of top-k − "
-             "baseline) / (oracle − baseline), mean over targets; random: expectation over all "
+             "baseline) / (oracle − baseline), mean over the targets and seeds where some source "
+             "beats the baseline; random: expectation over all "
              f"k-subsets; p: {n_permutations:,} shuffles of each target's source order.", ""]
     grids = target_grids(study)
-    roomless = [g.target for g in grids if not (g.oracle > g.baseline).any()]
+    roomless = [g.target for g in grids if not g.room.any()]
     if roomless:
         lines += [f"No source beats the baseline on {', '.join(roomless)} ({len(roomless)} of "
-                  f"{len(grids)} targets): there is no gain to keep, so they count 1.0 at every "
-                  "k, for random picks too.", ""]
+                  f"{len(grids)} targets): there is no gain to keep, so the gain columns "
+                  f"average the other {len(grids) - len(roomless)}.", ""]
     header = ["similarity", "targets", "Spearman ρ", "Pearson r", "n"]
     for k in ks:
         header += [f"gain@{k}", f"random@{k}", f"p@{k}"]

@@ -71,7 +71,7 @@ def write_study(folder: Path, rows: list[dict], tasks: dict | None = None,
 def three_source_rows():
     """Target T (baseline 60): ranked by mean A, B, C; by token C, A, B; oracle B (70).
 
-    Target U (baseline 80): no source beats the baseline, so gain kept is 1.0 at every k.
+    Target U (baseline 80): no source beats the baseline, so gain kept is undefined there.
     """
     return [
         row("A", "T", 0, 60.0, 65.0, 0.9, 0.3),
@@ -112,15 +112,51 @@ def test_retrieval_curve_hand_computed(tmp_path):
     mean = analysis.retrieval_curve(study, "mean")
     assert list(mean.ks) == [1, 2, 3]
     np.testing.assert_allclose(mean.per_target["T"], [0.5, 1.0, 1.0])  # (65-60)/(70-60)
-    np.testing.assert_allclose(mean.per_target["U"], [1.0, 1.0, 1.0])  # oracle == baseline
-    np.testing.assert_allclose(mean.mean, [0.75, 1.0, 1.0])
+    assert list(mean.per_target) == ["T"]  # U: oracle == baseline, no gain to keep
+    np.testing.assert_allclose(mean.mean, [0.5, 1.0, 1.0])
     token = analysis.retrieval_curve(study, "token")
     np.testing.assert_allclose(token.per_target["T"], [-0.5, 0.5, 1.0])  # C (55) is ranked first
     # k random of {65, 70, 55}: E[max] = 63.33 (k=1), 68.33 (k=2), 70 (k=3)
-    np.testing.assert_allclose(token.random, [(1 / 3 + 1) / 2, (5 / 6 + 1) / 2, 1.0])
+    np.testing.assert_allclose(token.random, [1 / 3, 5 / 6, 1.0])
     table = analysis.retrieval_table(study)
     assert [(r["k"], r["mean"], r["token"]) for r in table] == [
-        (1, pytest.approx(0.75), pytest.approx(0.25)), (2, 1.0, pytest.approx(0.75)), (3, 1.0, 1.0)]
+        (1, 0.5, -0.5), (2, 1.0, 0.5), (3, 1.0, 1.0)]
+    assert math.isnan(analysis.gain_kept(80.0, 80.0, 80.0))
+
+
+def test_seeds_without_a_gain_to_keep_are_left_out(tmp_path):
+    """Seed 1 of T: no source beats its baseline, so T's gain is seed 0's alone; U has no such
+    seed at all and leaves every gain statistic (not the correlations)."""
+    rq = pytest.importorskip("spot.retrieval_quality")
+    rows = [nrow("A", "T", 0, 50.0, 60.0, {"m": 0.9}), nrow("B", "T", 0, 50.0, 70.0, {"m": 0.1}),
+            nrow("A", "T", 1, 80.0, 60.0, {"m": 0.9}), nrow("B", "T", 1, 80.0, 70.0, {"m": 0.1}),
+            nrow("A", "U", 0, 90.0, 60.0, {"m": 0.9}), nrow("B", "U", 0, 90.0, 70.0, {"m": 0.1})]
+    study = load_study(write_study(tmp_path, rows))
+    (grid_t, grid_u) = analysis.target_grids(study)
+    assert grid_t.room.tolist() == [True, False] and not grid_u.room.any()
+    assert analysis.with_room([grid_t, grid_u]) == [grid_t]
+    curve = analysis.retrieval_curve(study, "m")
+    assert list(curve.per_target) == ["T"]
+    np.testing.assert_allclose(curve.mean, [0.5, 1.0])  # (60-50)/(70-50) at seed 0
+    np.testing.assert_allclose(curve.random, [0.75, 1.0])
+    (quality,) = rq.retrieval_quality(study, ks=(1,), n_permutations=50)
+    assert (quality.n_targets, quality.gain[1], quality.random[1]) == (2, 0.5, 0.75)
+    assert quality.p_value[1] == rq.permutation_p_value(analysis.target_grids(study), "m", 1)
+
+
+def test_no_gain_to_keep_anywhere(tmp_path):
+    rq = pytest.importorskip("spot.retrieval_quality")
+    pytest.importorskip("matplotlib")
+    from spot.figures import NO_GAIN, retrieval_figure
+
+    rows = [nrow("A", "T", 0, 90.0, 60.0, {"m": 0.9}), nrow("B", "T", 0, 90.0, 70.0, {"m": 0.1})]
+    study = load_study(write_study(tmp_path, rows))
+    with pytest.raises(ValueError, match="no source beats the baseline on any target"):
+        analysis.retrieval_curve(study, "m")
+    (quality,) = rq.retrieval_quality(study, ks=(1,), n_permutations=50)
+    assert math.isnan(quality.gain[1]) and math.isnan(quality.p_value[1])
+    texts = [t.get_text() for ax in retrieval_figure(study).axes for t in ax.texts]
+    assert NO_GAIN in texts
 
 
 def test_retrieval_top1_is_oracle_gives_one_and_seeds_average(tmp_path):
@@ -141,7 +177,7 @@ def test_expected_random_best():
 
 def test_self_transfers_are_left_out_of_retrieval_and_summary(tmp_path):
     rows = [*three_source_rows(), row("T", "T", 0, 60.0, 99.0, 1.0),
-            row("T", "U", 0, 80.0, 70.0, 0.2)]
+            row("T", "U", 0, 80.0, 85.0, 0.2)]  # T is U's oracle: U has a gain to keep
     tasks = {"A": {"family": "f", "role": "source"}, "T": {"family": "f", "role": "both"}}
     study = load_study(write_study(tmp_path, rows, tasks))
     curve = analysis.retrieval_curve(study, "mean")  # U has 4 sources, T only 3 (not itself)
@@ -344,8 +380,9 @@ def test_legacy_study_loads_with_mean_and_token(recwarn):
                                 "token": pytest.approx(0.02758217)}
     assert study.notes == [] and not recwarn.list
     curve = analysis.retrieval_curve(study, "mean")  # the numbers of studies/smollm2/README.md
-    assert curve.mean[[0, 2]] == pytest.approx([0.61, 0.65], abs=0.005)
-    assert curve.random[[0, 2]] == pytest.approx([0.10, 0.62], abs=0.005)
+    assert curve.mean[[0, 2]] == pytest.approx([0.51, 0.56], abs=0.005)
+    assert curve.random[[0, 2]] == pytest.approx([-0.13, 0.52], abs=0.005)
+    assert "sst5" not in curve.per_target  # no source beats its baseline
 
 
 def test_new_format_loads_names_zero_step_weighted_and_config(tmp_path):
@@ -457,8 +494,8 @@ def test_mean_correlation_over_targets(tmp_path):
     assert quality.correlation.rho == pytest.approx((0.5 + 1.0) / 2)
     r_u = analysis.pearson([0.1, 0.2, 0.3], [0.02, 0.04, 0.2])[0]
     assert quality.correlation.r == pytest.approx((0.5 + r_u) / 2)
-    # gain at 1: T picks C (52 of best 53: 2/3), U picks C (1.0), V has no gain to lose (1.0)
-    assert quality.gain[1] == pytest.approx((2 / 3 + 1.0 + 1.0) / 3)
+    # gain at 1: T picks C (52 of best 53: 2/3), U picks C (1.0), V has no gain to keep
+    assert quality.gain[1] == pytest.approx((2 / 3 + 1.0) / 2)
     text = rq.retrieval_quality_markdown(study, ks=(1,), n_permutations=100)
     assert "| V | – |" in text and "| mean | 0.75 |" in text
     assert "| T | 1 | 50.00 | 51.00 to 53.00 | B (53.00) | 3 of 3 |" in text
@@ -602,9 +639,10 @@ def test_markdown_names_targets_where_no_source_beats_the_baseline(tmp_path):
              (("A", 70.0, 0.1), ("B", 60.0, 0.9))]  # top-1 keeps (60 - 50) / (70 - 50)
     text = rq.retrieval_quality_markdown(load_study(write_study(tmp_path / "s", rows)), ks=(1,),
                                          n_permutations=100)
-    assert "No source beats the baseline on T0 (1 of 2 targets)" in text
+    assert "No source beats the baseline on T0 (1 of 2 targets): there is no gain to keep, so " \
+           "the gain columns average the other 1." in text
     (line,) = [line for line in text.splitlines() if line.startswith("| m | 2 |")]
-    assert line.strip("| ").split(" | ")[5] == "0.75"  # (1.0 for T0 + 0.5 for T1) / 2
+    assert line.strip("| ").split(" | ")[5] == "0.50"  # T1 alone; T0 has no gain to keep
 
 
 # --------------------------------------------------------------------------- example study
