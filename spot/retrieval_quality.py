@@ -76,11 +76,17 @@ class RetrievalQuality:
     zero_step: MeanCorrelation | None  # similarity vs zero-step score; None when not measured
 
 
-def _shuffled_gains(grid: TargetGrid, k: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """[n] gain kept (mean over the grid's seeds) by the top k of n random source orders."""
-    count = len(grid.sources)
-    orders = rng.permuted(np.tile(np.arange(count), (n, 1)), axis=1)[:, :min(k, count)]
-    best = grid.scores[:, orders].max(axis=-1)  # [seeds, n]
+def _shuffled_gains(grid: TargetGrid, name: str, k: int, n: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """[n] gain kept (mean over the grid's seeds) by the top k of n random source orders: one
+    order for all seeds when `name` ranks every seed alike (a library's keys), else one per
+    seed (keys measured in each seed's run)."""
+    count, seeds = len(grid.sources), len(grid.seeds)
+    similarity = grid.similarity[name]
+    shared = bool(np.all(similarity == similarity[:1]))
+    orders = rng.permuted(np.tile(np.arange(count), (1 if shared else seeds, n, 1)), axis=-1)
+    top = np.broadcast_to(orders[..., :min(k, count)], (seeds, n, min(k, count)))
+    best = np.take_along_axis(grid.scores[:, None, :], top, axis=-1).max(axis=-1)  # [seeds, n]
     return gain_kept(best, grid.oracle[:, None], grid.baseline[:, None])[grid.room].mean(axis=0)
 
 
@@ -93,7 +99,7 @@ def permutation_p_value(grids: Sequence[TargetGrid], name: str, k: int,
         return math.nan
     observed = float(np.mean([grid_gain(g, name, k) for g in grids]))
     rng = np.random.default_rng(seed)
-    null = np.mean([_shuffled_gains(g, k, n_permutations, rng) for g in grids], axis=0)
+    null = np.mean([_shuffled_gains(g, name, k, n_permutations, rng) for g in grids], axis=0)
     return float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + n_permutations))
 
 

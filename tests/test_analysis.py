@@ -472,6 +472,20 @@ def test_permutation_p_value(tmp_path):
     assert (quality.correlation.n, quality.correlation.rho) == (2, pytest.approx(1.0))
 
 
+def test_permutation_null_shuffles_each_seed_when_its_ranking_differs(tmp_path):
+    """Keys measured per seed (an in-run study): seed 0 ranks B (70) first, seed 1 A (60), so
+    the observed gain at 1 is (1 + 0.5) / 2. Under the null each seed draws its own order: the
+    mean is 1, 0.75 or 0.5 with probability 1/4, 1/2, 1/4, so p = P(null >= 0.75) = 3/4 (one
+    order shared by both seeds would give 1/2)."""
+    rq = pytest.importorskip("spot.retrieval_quality")
+    rows = [nrow("A", "T", s, 50.0, 60.0, {"m": sim}) for s, sim in ((0, 0.1), (1, 0.9))]
+    rows += [nrow("B", "T", s, 50.0, 70.0, {"m": sim}) for s, sim in ((0, 0.9), (1, 0.1))]
+    grids = analysis.target_grids(load_study(write_study(tmp_path, rows)))
+    assert analysis.grid_gain(grids[0], "m", 1) == 0.75
+    assert rq.permutation_p_value(grids, "m", 1, n_permutations=4000) == pytest.approx(
+        0.75, abs=0.03)
+
+
 def test_spearman_hand_computed():
     # ranks (1, 2, 3, 4) vs (1, 3, 2, 4): sum d^2 = 2, rho = 1 - 6 * 2 / (4 * 15) = 0.8; the
     # t statistic 0.8 sqrt(2 / 0.36) has 2 degrees of freedom: p = 1 - t / sqrt(t^2 + 2) = 0.2
