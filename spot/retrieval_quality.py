@@ -314,18 +314,21 @@ def _quality_section(study: Study, quality: list[RetrievalQuality], ks: Sequence
 
 def _targets_section(study: Study) -> list[str]:
     lines = ["### Targets", "",
-             "Per target, means over its complete seeds: the baseline, the range of the sources' "
-             "transfer scores, the best source and how many sources beat the baseline.", ""]
+             "Per target, means over its complete seeds: the baseline, the range and standard "
+             "deviation of the sources' transfer scores (to read against the seed-to-seed "
+             "spread of the top picks over seeds, below), the best source and how many sources "
+             "beat the baseline.", ""]
     rows = []
     for g in target_grids(study):
         baseline, scores = float(g.baseline.mean()), g.scores.mean(axis=0)
         best = int(np.argmax(scores))
+        spread = float(scores.std(ddof=1)) if scores.size > 1 else math.nan
         rows.append([g.target, str(len(g.seeds)), _num(baseline),
                      f"{_num(float(scores.min()))} to {_num(float(scores.max()))}",
-                     f"{g.sources[best]} ({_num(float(scores[best]))})",
+                     _num(spread), f"{g.sources[best]} ({_num(float(scores[best]))})",
                      f"{int((scores > baseline).sum())} of {len(g.sources)}"])
-    return lines + _table(["target", "seeds", "baseline", "transfer range", "best source",
-                           "sources above baseline"], rows)
+    return lines + _table(["target", "seeds", "baseline", "transfer range", "sd across sources",
+                           "best source", "sources above baseline"], rows)
 
 
 def _zero_step_section(study: Study, quality: list[RetrievalQuality]) -> list[str]:

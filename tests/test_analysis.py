@@ -512,8 +512,8 @@ def test_mean_correlation_over_targets(tmp_path):
     assert quality.gain[1] == pytest.approx((2 / 3 + 1.0) / 2)
     text = rq.retrieval_quality_markdown(study, ks=(1,), n_permutations=100)
     assert "| V | – |" in text and "| mean | 0.75 |" in text
-    assert "| T | 1 | 50.00 | 51.00 to 53.00 | B (53.00) | 3 of 3 |" in text
-    assert "| V | 1 | 50.00 | 50.00 to 50.00 | A (50.00) | 0 of 3 |" in text
+    assert "| T | 1 | 50.00 | 51.00 to 53.00 | 1.00 | B (53.00) | 3 of 3 |" in text
+    assert "| V | 1 | 50.00 | 50.00 to 50.00 | 0.00 | A (50.00) | 0 of 3 |" in text
 
 
 def test_incomplete_groups_are_left_out_of_grid_statistics(tmp_path, recwarn):
