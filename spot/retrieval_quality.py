@@ -309,6 +309,15 @@ def _quality_section(study: Study, quality: list[RetrievalQuality], ks: Sequence
                 for t in study.complete_targets]
         body.append(["mean", *(_num(getattr(q.correlation, attr)) for q in quality)])
         lines += _table(["target", *study.similarity_names], body)
+    roomy = with_room(grids)
+    for k in ks:
+        lines += [f"Gain kept at k={k} per target with a gain to keep (the ratio is unbounded "
+                  "below when the oracle is barely above the baseline):", ""]
+        body = [[g.target, *(_num(grid_gain(g, n, k)) for n in study.similarity_names),
+                 _num(grid_random_gain(g, k))] for g in roomy]
+        body.append(["mean", *(_num(q.gain[k]) for q in quality), _num(quality[0].random[k])
+                     if quality else DASH])
+        lines += _table(["target", *study.similarity_names, "random"], body)
     return lines
 
 

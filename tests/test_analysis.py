@@ -657,6 +657,9 @@ def test_markdown_names_targets_where_no_source_beats_the_baseline(tmp_path):
            "the gain columns average the other 1." in text
     (line,) = [line for line in text.splitlines() if line.startswith("| m | 2 |")]
     assert line.strip("| ").split(" | ")[5] == "0.50"  # T1 alone; T0 has no gain to keep
+    per_target = text.split("Gain kept at k=1 per target")[1].split("###")[0]
+    assert "| T1 | 0.50 | 0.75 |" in per_target and "| mean | 0.50 | 0.75 |" in per_target
+    assert "T0" not in per_target
 
 
 # --------------------------------------------------------------------------- example study
