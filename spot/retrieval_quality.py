@@ -4,8 +4,8 @@ Per similarity name, over the complete (target, seed) groups (see `spot.analysis
 - Spearman rho and Pearson r of similarity vs relative error reduction per target, and their
   mean over the targets where they are defined;
 - gain kept at k (best of the top-k vs the oracle, `spot.analysis.gain_kept`), mean over
-  the targets where some source beats the baseline (elsewhere it is undefined), against k sources drawn at random (the exact expectation over all k-subsets) and a
-  permutation p-value: each target's source order is shuffled independently, the mean gain kept
+  the targets where some source beats the baseline (elsewhere it is undefined), against k
+  sources drawn at random (the exact expectation over all k-subsets) and a permutation p-value: each target's source order is shuffled independently, the mean gain kept
   recomputed, p = (1 + #{shuffled >= observed}) / (1 + n_permutations);
 - with zero-step scores (each source value scored untuned on the target): similarity vs the
   zero-step score, and the zero-step score vs RER (does the cheap grid predict the tuned one).
