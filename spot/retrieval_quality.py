@@ -5,8 +5,9 @@ Per similarity name, over the complete (target, seed) groups (see `spot.analysis
   mean over the targets where they are defined;
 - gain kept at k (best of the top-k vs the oracle, `spot.analysis.gain_kept`), mean over
   the targets where some source beats the baseline (elsewhere it is undefined), against k
-  sources drawn at random (the exact expectation over all k-subsets) and a permutation p-value: each target's source order is shuffled independently, the mean gain kept
-  recomputed, p = (1 + #{shuffled >= observed}) / (1 + n_permutations);
+  sources drawn at random (the exact expectation over all k-subsets) and a permutation p-value:
+  each target's source order is shuffled independently, the mean gain kept recomputed,
+  p = (1 + #{shuffled >= observed}) / (1 + n_permutations);
 - with zero-step scores (each source value scored untuned on the target): similarity vs the
   zero-step score, and the zero-step score vs RER (does the cheap grid predict the tuned one).
 Per target: baseline, transfer range, best source, sources above the baseline. Over every
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import binomtest
 
 from spot.analysis import (
     ALL_TARGETS,
@@ -142,7 +144,7 @@ def retrieval_quality(
              for k in ks},
             {k: float(np.mean([grid_random_gain(g, k) for g in roomy])) if roomy else math.nan
              for k in ks},
-            {k: permutation_p_value(roomy, name, k, n_permutations, seed) for k in ks},
+            {k: permutation_p_value(grids, name, k, n_permutations, seed) for k in ks},
             mean_correlation(zero) if zero else None))
     return out
 
@@ -190,8 +192,6 @@ def weighted_wins(rows: Sequence[WeightedRow]) -> int:
 def weighted_sign_test(rows: Sequence[WeightedRow]) -> float:
     """One-sided sign test of `weighted_wins` against no effect (ties dropped): the chance of at
     least that many wins if each target were a fair coin; nan without a non-tied target."""
-    from scipy.stats import binomtest
-
     n = sum(row.weighted != row.baseline for row in rows)
     return binomtest(weighted_wins(rows), n, alternative="greater").pvalue if n else math.nan
 
@@ -410,6 +410,7 @@ def retrieval_quality_markdown(study: Study, ks: Sequence[int] = KS,
 __all__ = [
     "KS", "N_PERMUTATIONS", "MeanCorrelation", "PickRow", "RetrievalQuality", "WeightedRow",
     "mean_correlation", "permutation_p_value", "pick_table", "retrieval_quality",
-    "retrieval_quality_markdown", "weighted_sign_test", "weighted_table", "weighted_wins", "zero_step_correlations",
+    "retrieval_quality_markdown", "weighted_sign_test", "weighted_table", "weighted_wins",
+    "zero_step_correlations",
     "zero_step_transfer_correlations",
 ]
