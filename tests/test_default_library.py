@@ -147,3 +147,31 @@ def test_the_grid_changes_the_default_only_for_a_better_significant_winner(study
            quality("c/z", math.nan, 0.0)]
     assert default_choice(tie)[0] == "b/y"  # ties in gain: Spearman; nan never wins
     assert default_choice([quality(CURRENT, 0.9, 0.01), quality("a/x", 0.5, 0.01)])[0] == CURRENT
+
+
+def test_commit_skips_files_that_match_head_and_commits_changed_ones(monkeypatch, tmp_path,
+                                                                     study_scripts) -> None:
+    """A restarted grid sees every result file as new: files equal to HEAD are no commit (and no
+    retries), a changed file is committed alone."""
+    import subprocess
+
+    import common
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "a.jsonl").write_text("1\n")
+    (tmp_path / "other").write_text("left alone\n")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    monkeypatch.setattr(common.time, "sleep", lambda s: pytest.fail("commit retried"))
+    common.commit([tmp_path / "a.jsonl"], "first")
+    common.commit([tmp_path / "a.jsonl"], "unchanged")
+    assert git("log", "--format=%s").split() == ["first"]
+    (tmp_path / "a.jsonl").write_text("1\n2\n")
+    common.commit([tmp_path / "a.jsonl"], "second")
+    assert git("log", "--format=%s").split() == ["second", "first"]
+    assert "other" in git("status", "--porcelain")

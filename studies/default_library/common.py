@@ -91,10 +91,14 @@ def test_scores(row: dict) -> str:
 
 
 def commit(paths: list[Path], message: str) -> None:
-    """Commit only these paths (other work in the tree stays uncommitted); retry on a busy index."""
+    """Commit only these paths (other work in the tree stays uncommitted); retry on a busy index.
+    Paths that match HEAD already are not a commit (a restarted run sees them all as new)."""
     rel = [str(p.relative_to(REPO)) for p in paths]
     for _ in range(30):
         add = subprocess.run(["git", "add", "-f", "--", *rel], cwd=REPO, capture_output=True)
+        if add.returncode == 0 and subprocess.run(
+                ["git", "diff", "--cached", "--quiet", "HEAD", "--", *rel], cwd=REPO).returncode == 0:
+            return
         done = add.returncode == 0 and subprocess.run(
             ["git", "commit", "-q", "-m", message, "--only", "--", *rel], cwd=REPO,
             capture_output=True).returncode == 0
