@@ -324,16 +324,23 @@ class RetrievalCurve:
     per_target: dict[str, np.ndarray]  # target -> [K], averaged over seeds
 
 
+NO_GROUP = "no complete (target, seed) group (every source run on a target at one seed) to rank"
+NO_GAIN = "no source beats the baseline on any target: there is no gain to keep"
+
+
+def no_retrieval(grids: Sequence[TargetGrid]) -> str | None:
+    """Why `grids` leave retrieval nothing to measure (NO_GROUP, NO_GAIN), else None."""
+    if not grids:
+        return NO_GROUP
+    return None if with_room(grids) else NO_GAIN
+
+
 def _grids_or_raise(study: Study) -> list[TargetGrid]:
     """The complete targets with a gain to keep (`with_room`), else a ValueError saying why."""
     grids = target_grids(study)
-    if not grids:
-        raise ValueError(f"{study.path}: no complete (target, seed) group (every source run on "
-                         "a target at one seed) to rank")
-    if not (grids := with_room(grids)):
-        raise ValueError(f"{study.path}: no source beats the baseline on any target: there is "
-                         "no gain to keep")
-    return grids
+    if why := no_retrieval(grids):
+        raise ValueError(f"{study.path}: {why}")
+    return with_room(grids)
 
 
 def retrieval_curve(study: Study, name: str, k_max: int | None = None) -> RetrievalCurve:
@@ -423,10 +430,10 @@ def format_table(rows: Sequence[Any], columns: Sequence[str] | None = None, digi
 
 
 __all__ = [
-    "ALL_TARGETS", "Correlation", "PairStats", "RetrievalCurve", "Row", "Study", "StudyError",
-    "SummaryRow", "TargetGrid", "WeightedRun", "aggregate", "correlate", "correlations",
-    "expected_random_best", "format_table", "gain_kept", "grid_gain", "grid_random_gain",
-    "load_study", "mean_std", "pearson", "relative_error_reduction", "rer_matrix",
-    "retrieval_curve", "retrieval_table", "similarity_matrix", "spearman", "summary_table",
-    "target_grids", "with_room",
+    "ALL_TARGETS", "NO_GAIN", "NO_GROUP", "Correlation", "PairStats", "RetrievalCurve", "Row",
+    "Study", "StudyError", "SummaryRow", "TargetGrid", "WeightedRun", "aggregate", "correlate",
+    "correlations", "expected_random_best", "format_table", "gain_kept", "grid_gain",
+    "grid_random_gain", "load_study", "mean_std", "no_retrieval", "pearson",
+    "relative_error_reduction", "rer_matrix", "retrieval_curve", "retrieval_table",
+    "similarity_matrix", "spearman", "summary_table", "target_grids", "with_room",
 ]

@@ -134,27 +134,20 @@ def transfer_figure(study: analysis.Study) -> Figure:
     return figure
 
 
-NO_GROUP = "no complete (target, seed) group yet:\nevery source must be run on a target at one seed"
-NO_GAIN = "no source beats the baseline on any target:\nthere is no gain to keep"
-
-
-def _placeholder(study: analysis.Study, title: str, why: str = NO_GROUP) -> Figure:
+def _placeholder(study: analysis.Study, title: str, why: str = analysis.NO_GROUP) -> Figure:
     """A figure saying why it is empty."""
     figure = _new_figure(6.0, 3.0)
     ax = figure.add_subplot()
     ax.axis("off")
-    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=10)
+    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=10, wrap=True)
     _label(study, figure, title)
     return figure
 
 
 def _retrieval_placeholder(study: analysis.Study, title: str) -> Figure | None:
-    """The placeholder of a retrieval figure with no gain to keep, else None."""
-    if not study.complete_targets:
-        return _placeholder(study, title)
-    if not analysis.with_room(analysis.target_grids(study)):
-        return _placeholder(study, title, NO_GAIN)
-    return None
+    """The placeholder of a retrieval figure with nothing to measure, else None."""
+    why = analysis.no_retrieval(analysis.target_grids(study))
+    return _placeholder(study, title, why) if why else None
 
 
 def _style(names: list[str], name: str) -> dict:

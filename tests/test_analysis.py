@@ -147,7 +147,8 @@ def test_seeds_without_a_gain_to_keep_are_left_out(tmp_path):
 def test_no_gain_to_keep_anywhere(tmp_path):
     rq = pytest.importorskip("spot.retrieval_quality")
     pytest.importorskip("matplotlib")
-    from spot.figures import NO_GAIN, retrieval_figure
+    from spot.analysis import NO_GAIN
+    from spot.figures import retrieval_figure
 
     rows = [nrow("A", "T", 0, 90.0, 60.0, {"m": 0.9}), nrow("B", "T", 0, 90.0, 70.0, {"m": 0.1})]
     study = load_study(write_study(tmp_path, rows))
